@@ -1,0 +1,260 @@
+"""The normalized vocabulary of Reconciler: statuses, tasks, observations, events, deliveries.
+
+Plain frozen values with no I/O. Provider shapes are turned into these by `providers/`,
+rules over them live in `state.py`, and their JSON form (SPEC §2) is `Task.to_json()` /
+`Event.to_json()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def rank(self) -> int:
+        """Lifecycle order: submitted < processing < every terminal status."""
+        return _RANK[self]
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.EXPIRED})
+_RANK = {
+    Status.SUBMITTED: 0,
+    Status.PROCESSING: 1,
+    Status.COMPLETED: 2,
+    Status.FAILED: 2,
+    Status.EXPIRED: 2,
+}
+
+
+class Source(enum.StrEnum):
+    """What last changed a task."""
+
+    REGISTER = "register"
+    WEBHOOK = "webhook"
+    POLL = "poll"
+    RECONCILER = "reconciler"
+
+
+def iso(moment: datetime | None) -> str | None:
+    """RFC 3339 UTC with a `Z`, milliseconds kept."""
+    if moment is None:
+        return None
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRef:
+    provider: str
+    task_id: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.task_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Video:
+    url: str
+    cover_url: str | None = None
+    duration: float | None = None
+    id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "cover_url": self.cover_url, "duration": self.duration, "id": self.id}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Video:
+        return cls(data["url"], data.get("cover_url"), data.get("duration"), data.get("id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one webhook delivery or one poll says about one task.
+
+    `status` is None when the provider used a status word the adapter does not know: such an
+    observation is never terminal, and only `provider_status` records the word. A `COMPLETED`
+    status without any video URL is a success report whose result is not there yet:
+    `effective_status` treats it as still processing (SPEC §1).
+    """
+
+    task_id: str
+    status: Status | None
+    provider_status: str | None = None
+    progress: int | None = None
+    videos: tuple[Video, ...] = ()
+    error: str | None = None
+    provider_created_at: datetime | None = None
+    provider_updated_at: datetime | None = None
+    external_task_id: str | None = None
+    action: str | None = None
+    raw: Any = None
+
+    @property
+    def result_missing(self) -> bool:
+        return self.status is Status.COMPLETED and not any(video.url for video in self.videos)
+
+    @property
+    def effective_status(self) -> Status | None:
+        return Status.PROCESSING if self.result_missing else self.status
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    provider: str
+    task_id: str
+    action: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime
+    source: Source
+    provider_status: str | None = None
+    progress: int | None = None
+    videos: tuple[Video, ...] = ()
+    error: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    completed_at: datetime | None = None
+    callbacks: int = 0
+    polls: int = 0
+    next_poll_at: datetime | None = None
+    version: int = 1
+    registered: bool = False
+    external_task_id: str | None = None
+    provider_updated_at: datetime | None = None
+    # Internal bookkeeping, not part of the JSON task object.
+    poll_failures: int = 0
+    result_missing_since: datetime | None = None
+    progress_event_at: datetime | None = None
+    conflicts: int = 0
+
+    @property
+    def ref(self) -> TaskRef:
+        return TaskRef(self.provider, self.task_id)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+    def replace(self, **changes: Any) -> Task:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "task_id": self.task_id,
+            "action": self.action,
+            "status": self.status.value,
+            "provider_status": self.provider_status,
+            "progress": self.progress,
+            "videos": [video.to_json() for video in self.videos],
+            "error": self.error,
+            "metadata": dict(self.metadata),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "completed_at": iso(self.completed_at),
+            "deadline_at": iso(self.deadline_at),
+            "source": self.source.value,
+            "callbacks": self.callbacks,
+            "polls": self.polls,
+            "next_poll_at": iso(self.next_poll_at),
+            "version": self.version,
+            "registered": self.registered,
+            "external_task_id": self.external_task_id,
+        }
+
+
+class EventType(enum.StrEnum):
+    REGISTERED = "task.registered"
+    SUBMITTED = "task.submitted"
+    PROCESSING = "task.processing"
+    COMPLETED = "task.completed"
+    FAILED = "task.failed"
+    EXPIRED = "task.expired"
+
+    @classmethod
+    def for_status(cls, status: Status) -> EventType:
+        return cls("task." + status.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The outcome of a rule: the task as it is now, and the event to log (None when the
+    change is bookkeeping only, e.g. a coalesced progress tick or a re-planned poll)."""
+
+    task: Task
+    event: EventType | None
+    previous_status: Status | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    type: EventType
+    provider: str
+    task_id: str
+    source: Source
+    status: Status
+    previous_status: Status | None
+    delivery_id: int | None
+    at: datetime
+    task: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "type": self.type.value,
+            "provider": self.provider,
+            "task_id": self.task_id,
+            "source": self.source.value,
+            "status": self.status.value,
+            "previous_status": self.previous_status.value if self.previous_status else None,
+            "delivery_id": self.delivery_id,
+            "at": iso(self.at),
+            "task": dict(self.task),
+        }
+
+
+class Outcome(enum.StrEnum):
+    """What became of a stored webhook delivery."""
+
+    PENDING = "pending"  # stored, not applied yet
+    APPLIED = "applied"  # changed the task (an event was written)
+    UNCHANGED = "unchanged"  # parsed, but said nothing new
+    DUPLICATE = "duplicate"  # same provider and body as an earlier delivery
+    CONFLICT = "conflict"  # a different terminal report for a task already terminal
+    REJECTED = "rejected"  # could not be parsed; `error` says why; `replay` retries it
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: int
+    provider: str
+    received_at: datetime
+    headers: Mapping[str, str]
+    body: bytes
+    sha256: str
+    outcome: Outcome
+    error: str | None = None
+    task_id: str | None = None
