@@ -82,7 +82,12 @@ class Video:
     id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "cover_url": self.cover_url, "duration": self.duration, "id": self.id}
+        return {
+            "url": self.url,
+            "cover_url": self.cover_url,
+            "duration": self.duration,
+            "id": self.id,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Video:

@@ -1,0 +1,701 @@
+"""The SQLite backend: one writer with group commit, readers on their own connections.
+
+Writes are operations queued to a single writer task. It drains whatever has queued while
+the previous commit ran, and runs the batch as one `BEGIN IMMEDIATE` transaction:
+
+1. look up duplicates of the batch's delivery bodies (one query),
+2. interpret the new bodies (pure: JSON, adapter, rules) and load every task the batch
+   touches (one query per 400 keys),
+3. run each operation's pure `decide` in arrival order against those tasks,
+4. write deliveries, tasks and events with `executemany`, then lease due tasks,
+5. commit with `synchronous=FULL`, and only then resolve every caller.
+
+So a webhook costs the writer a handful of statements per *batch*, not per request, and no
+caller resumes before the commit that holds its write. Sequence numbers and delivery ids are
+assigned here: one process owns the file (SPEC §4), so the writer is the only source of both.
+
+The WAL is checkpointed by a separate connection after every few hundred commits, keeping
+checkpoints off the commit path (SPEC §7: commit p99 5.5 ms with, 0.6 ms without).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from reconciler.errors import MigrationError, StoreError
+from reconciler.model import Change, Delivery, Outcome, Task, TaskRef
+from reconciler.store import migrations
+from reconciler.store.base import (
+    Accepted,
+    ApplyResult,
+    Decide,
+    EventRow,
+    IngestResult,
+    Interpret,
+    NewDelivery,
+    Rejected,
+    Settled,
+    dumps,
+    epoch,
+    event_json,
+    from_epoch,
+    task_from_json,
+    task_to_json,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1024
+KEYS_PER_QUERY = 400  # (provider, task_id) pairs per IN (...) lookup
+CHECKPOINT_EVERY = 256  # commits
+
+_UPSERT_TASK = """
+INSERT INTO tasks (provider, task_id, status, source, external_task_id, created_at,
+                   updated_at, next_poll_at, version, data)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (provider, task_id) DO UPDATE SET
+    status = excluded.status, source = excluded.source,
+    external_task_id = excluded.external_task_id, updated_at = excluded.updated_at,
+    next_poll_at = excluded.next_poll_at, version = excluded.version, data = excluded.data
+"""
+_INSERT_EVENT = (
+    "INSERT INTO events (seq, provider, task_id, type, at, body) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_DELIVERY = """
+INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, outcome, error, task_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_UPDATE_DELIVERY = "UPDATE deliveries SET outcome = ?, error = ?, task_id = ? WHERE id = ?"
+_SELECT_DUE = """
+SELECT data FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
+ORDER BY next_poll_at LIMIT ?
+"""
+
+
+@dataclass(eq=False)
+class _Op:
+    future: asyncio.Future[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class _Ingest(_Op):
+    delivery: NewDelivery
+    interpret: Interpret
+
+
+@dataclass(eq=False)
+class _Apply(_Op):
+    candidates: Sequence[TaskRef]
+    decide: Decide
+    delivery_id: int | None
+
+
+@dataclass(eq=False)
+class _Replay(_Op):
+    delivery_id: int
+    interpret: Interpret
+
+
+@dataclass(eq=False)
+class _Lease(_Op):
+    now: datetime
+    limit: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Duplicate:
+    """A body already stored for this provider; `candidates` name the task it concerned."""
+
+    candidates: Sequence[TaskRef]
+
+
+@dataclass
+class WriterStats:
+    commits: int = 0
+    operations: int = 0
+    largest_batch: int = 0
+
+
+class _Batch:
+    """The state of one write transaction: tasks as the batch has left them, and the rows
+    still to write."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.tasks: dict[TaskRef, Task | None] = {}
+        self.dirty: dict[TaskRef, Task] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.deliveries: list[tuple[Any, ...]] = []
+        self.delivery_updates: list[tuple[Any, ...]] = []
+
+    def pick(self, candidates: Sequence[TaskRef]) -> tuple[TaskRef, Task | None]:
+        for ref in candidates:
+            task = self.tasks.get(ref)
+            if task is not None:
+                return ref, task
+        return candidates[0], None
+
+    def decide(
+        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None
+    ) -> tuple[Task | None, Change | None, int | None]:
+        task = self.pick(candidates)[1]
+        change = decide(task)
+        if change is None:
+            return task, None, None
+        self.tasks[change.task.ref] = change.task
+        self.dirty[change.task.ref] = change.task
+        seq = None
+        if change.event is not None:
+            seq = self.store._take_seq()
+            event = event_json(seq, change, delivery_id, change.task.updated_at)
+            self.events.append(
+                (
+                    seq,
+                    event.provider,
+                    event.task_id,
+                    event.type.value,
+                    epoch(event.at),
+                    dumps(event.to_json()),
+                )
+            )
+        return change.task, change, seq
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        readers: int = 2,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._reader_count = readers
+        self._on_commit = on_commit
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers: list[aiosqlite.Connection] = []
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpoint_wanted = asyncio.Event()
+        self._closing = False
+        self._opened = False
+        self._next_seq = 1
+        self._next_delivery_id = 1
+        self.stats = WriterStats()
+
+    # --- lifetime --------------------------------------------------------------------
+
+    async def __aenter__(self) -> SQLiteStore:
+        if self._opened:
+            raise StoreError("this store was already opened")
+        self._opened = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._writer.executescript(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
+                "PRAGMA wal_autocheckpoint=0; PRAGMA foreign_keys=OFF;"
+            )
+            await migrate(self._writer)
+            async with self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM events") as cur:
+                row = await cur.fetchone()
+                self._next_seq = (row[0] if row else 0) + 1
+            async with self._writer.execute("SELECT COALESCE(MAX(id), 0) FROM deliveries") as cur:
+                row = await cur.fetchone()
+                self._next_delivery_id = (row[0] if row else 0) + 1
+            for _ in range(self._reader_count + 1):  # the last one checkpoints
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                await reader.executescript("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")
+                self._all_readers.append(reader)
+            for reader in self._all_readers[:-1]:
+                self._readers.put_nowait(reader)
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._writer_task is not None:
+            self._queue.put_nowait(None)  # drain what is queued, then stop
+            await self._writer_task
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for connection in [*self._all_readers, self._writer]:
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+        self._all_readers.clear()
+        self._writer = None
+
+    # --- writes ----------------------------------------------------------------------
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._closing or self._writer_task is None:
+            raise StoreError("the store is closed")
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def ingest(self, delivery: NewDelivery, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._submit(_Ingest(delivery, interpret))
+        return result
+
+    async def apply(
+        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
+    ) -> ApplyResult:
+        result: ApplyResult = await self._submit(_Apply(candidates, decide, delivery_id))
+        return result
+
+    async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._submit(_Replay(delivery_id, interpret))
+        return result
+
+    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
+        result: list[Task] = await self._submit(_Lease(now, limit, lease_seconds))
+        return result
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            ops: list[_Op] = []
+            if first is None:
+                stopping = True
+            else:
+                ops.append(first)
+            while len(ops) < MAX_BATCH and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stopping = True
+                else:
+                    ops.append(op)
+            if ops:
+                await self._run(ops)
+
+    async def _run(self, ops: list[_Op]) -> None:
+        seq_before, delivery_before = self._next_seq, self._next_delivery_id
+        try:
+            results = await self._transaction(ops)
+        except Exception as error:
+            self._next_seq, self._next_delivery_id = seq_before, delivery_before
+            logger.exception("write transaction of %d operations failed", len(ops))
+            failure = (
+                error if isinstance(error, StoreError) else StoreError(f"write failed: {error}")
+            )
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(failure)
+            return
+        self.stats.commits += 1
+        self.stats.operations += len(ops)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
+        if self.stats.commits % CHECKPOINT_EVERY == 0:
+            self._checkpoint_wanted.set()
+        if self._on_commit is not None and self._next_seq != seq_before:
+            self._on_commit(self._next_seq - 1)
+        for op, result in zip(ops, results, strict=True):
+            if op.future.done():
+                continue
+            if isinstance(result, BaseException):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)
+
+    async def _transaction(self, ops: list[_Op]) -> list[object]:
+        db = self._writer
+        assert db is not None
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            results = await self._batch(db, ops)
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+        return results
+
+    async def _batch(self, db: aiosqlite.Connection, ops: list[_Op]) -> list[object]:
+        batch = _Batch(self)
+        ingests = [op for op in ops if isinstance(op, _Ingest)]
+        replays = [op for op in ops if isinstance(op, _Replay)]
+
+        # Duplicates: an earlier, readable delivery of the same provider and body.
+        seen: dict[tuple[str, str], str | None] = {}
+        shas = sorted({op.delivery.sha256 for op in ingests})
+        for chunk in _chunks(shas, KEYS_PER_QUERY):
+            sql = (
+                "SELECT provider, sha256, task_id FROM deliveries WHERE outcome != 'rejected' "
+                f"AND sha256 IN ({','.join('?' * len(chunk))})"
+            )
+            async with db.execute(sql, chunk) as cursor:
+                async for provider, sha, task_id in cursor:
+                    seen[(provider, sha)] = task_id
+
+        replayed: dict[int, NewDelivery] = {}
+        for chunk in _chunks([op.delivery_id for op in replays], KEYS_PER_QUERY):
+            sql = (
+                "SELECT id, provider, received_at, headers, body, sha256 FROM deliveries "
+                f"WHERE id IN ({','.join('?' * len(chunk))})"
+            )
+            async with db.execute(sql, chunk) as cursor:
+                async for did, provider, received_at, headers, body, sha in cursor:
+                    replayed[did] = NewDelivery(
+                        provider, from_epoch(received_at), json.loads(headers), bytes(body), sha
+                    )
+
+        # Interpret what is new (pure), and gather every task key the batch needs.
+        plans: dict[int, Accepted | Rejected | _Duplicate | None] = {}
+        wanted: set[TaskRef] = set()
+        in_batch: dict[tuple[str, str], Sequence[TaskRef]] = {}
+        for op in ops:
+            if isinstance(op, _Ingest):
+                key = (op.delivery.provider, op.delivery.sha256)
+                if key in seen or key in in_batch:
+                    task_id = seen.get(key)
+                    refs = [TaskRef(key[0], task_id)] if task_id else in_batch.get(key, [])
+                    plans[id(op)] = _Duplicate(refs)
+                    wanted.update(refs)
+                    continue
+                plan = _interpret(op.interpret, op.delivery)
+                if isinstance(plan, Accepted):
+                    in_batch[key] = plan.candidates
+                plans[id(op)] = plan
+            elif isinstance(op, _Replay):
+                delivery = replayed.get(op.delivery_id)
+                plans[id(op)] = None if delivery is None else _interpret(op.interpret, delivery)
+            elif isinstance(op, _Apply):
+                wanted.update(op.candidates)
+            if isinstance(plan := plans.get(id(op)), Accepted):
+                wanted.update(plan.candidates)
+        await self._load(db, batch, wanted)
+
+        results: list[object] = []
+        for op in ops:
+            try:
+                results.append(self._run_op(batch, op, plans.get(id(op))))
+            except Exception as error:  # a bug in a rule must not fail the whole batch
+                logger.exception("operation failed inside the write batch")
+                results.append(error)
+
+        if batch.deliveries:
+            await db.executemany(_INSERT_DELIVERY, batch.deliveries)
+        if batch.dirty:
+            await db.executemany(_UPSERT_TASK, [_task_row(task) for task in batch.dirty.values()])
+        if batch.events:
+            await db.executemany(_INSERT_EVENT, batch.events)
+        if batch.delivery_updates:
+            await db.executemany(_UPDATE_DELIVERY, batch.delivery_updates)
+        for index, op in enumerate(ops):
+            if isinstance(op, _Lease):
+                results[index] = await self._lease(db, op)
+        return results
+
+    def _run_op(self, batch: _Batch, op: _Op, plan: object) -> object:
+        if isinstance(op, _Apply):
+            existed = batch.pick(op.candidates)[1] is not None
+            task, _, seq = batch.decide(op.candidates, op.decide, op.delivery_id)
+            return ApplyResult(task, created=not existed and task is not None, event_seq=seq)
+        if isinstance(op, _Ingest):
+            delivery_id = self._next_delivery_id
+            self._next_delivery_id += 1
+            outcome, task, error = self._settle(batch, plan, delivery_id)
+            d = op.delivery
+            batch.deliveries.append(
+                (
+                    delivery_id,
+                    d.provider,
+                    epoch(d.received_at),
+                    dumps(dict(d.headers)),
+                    d.body,
+                    d.sha256,
+                    outcome.value,
+                    error.message if error else None,
+                    task.task_id if task else None,
+                )
+            )
+            return IngestResult(delivery_id, outcome, task, error)
+        if isinstance(op, _Replay):
+            if plan is None:
+                return StoreError(f"no delivery {op.delivery_id}")
+            outcome, task, error = self._settle(batch, plan, op.delivery_id)
+            batch.delivery_updates.append(
+                (
+                    outcome.value,
+                    error.message if error else None,
+                    task.task_id if task else None,
+                    op.delivery_id,
+                )
+            )
+            return IngestResult(op.delivery_id, outcome, task, error)
+        return None  # leases run after the batch's other writes
+
+    def _settle(
+        self, batch: _Batch, plan: object, delivery_id: int
+    ) -> tuple[Outcome, Task | None, Rejected | None]:
+        if isinstance(plan, Rejected):
+            return Outcome.REJECTED, None, plan
+        if isinstance(plan, _Duplicate):
+            task = batch.pick(plan.candidates)[1] if plan.candidates else None
+            return Outcome.DUPLICATE, task, None
+        assert isinstance(plan, Accepted)
+        before = batch.pick(plan.candidates)[1]
+        try:
+            task, change, seq = batch.decide(plan.candidates, plan.decide, delivery_id)
+        except Exception as error:
+            logger.exception("rule failed on delivery %d", delivery_id)
+            return Outcome.REJECTED, None, Rejected("internal_error", f"could not apply: {error}")
+        if change is not None and before is not None and change.task.conflicts > before.conflicts:
+            return Outcome.CONFLICT, task, None
+        return (Outcome.APPLIED if seq is not None else Outcome.UNCHANGED), task, None
+
+    async def _load(self, db: aiosqlite.Connection, batch: _Batch, refs: set[TaskRef]) -> None:
+        for ref in refs:
+            batch.tasks[ref] = None
+        for chunk in _chunks(sorted(refs, key=lambda r: (r.provider, r.task_id)), KEYS_PER_QUERY):
+            values = ",".join("(?,?)" for _ in chunk)
+            params = [part for ref in chunk for part in (ref.provider, ref.task_id)]
+            sql = f"SELECT data FROM tasks WHERE (provider, task_id) IN (VALUES {values})"
+            async with db.execute(sql, params) as cursor:
+                async for (data,) in cursor:
+                    task = task_from_json(data)
+                    batch.tasks[task.ref] = task
+
+    async def _lease(self, db: aiosqlite.Connection, op: _Lease) -> list[Task]:
+        rows = await db.execute_fetchall(_SELECT_DUE, (epoch(op.now), op.limit))
+        tasks = [task_from_json(data) for (data,) in rows]
+        until = op.now + timedelta(seconds=op.lease_seconds)
+        leased = [task.replace(next_poll_at=until) for task in tasks]
+        if leased:
+            await db.executemany(_UPSERT_TASK, [_task_row(task) for task in leased])
+        return tasks
+
+    # --- reads -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._closing or not self._all_readers:
+            raise StoreError("the store is closed")
+        connection = await self._readers.get()
+        try:
+            yield connection
+        finally:
+            self._readers.put_nowait(connection)
+
+    async def _fetch(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        async with self._reader() as db:
+            return list(await db.execute_fetchall(sql, params))
+
+    async def next_due_at(self) -> datetime | None:
+        rows = await self._fetch(
+            "SELECT MIN(next_poll_at) FROM tasks WHERE next_poll_at IS NOT NULL"
+        )
+        return from_epoch(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def oldest_due_at(self, now: datetime) -> datetime | None:
+        return await self.next_due_at()
+
+    async def get_task(self, ref: TaskRef) -> Task | None:
+        rows = await self._fetch(
+            "SELECT data FROM tasks WHERE provider = ? AND task_id = ?", (ref.provider, ref.task_id)
+        )
+        return task_from_json(rows[0][0]) if rows else None
+
+    async def list_tasks(
+        self,
+        status: str | None = None,
+        provider: str | None = None,
+        limit: int = 100,
+        before: tuple[float, str, str] | None = None,
+    ) -> list[Task]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if provider is not None:
+            where.append("provider = ?")
+            params.append(provider)
+        if before is not None:
+            where.append("(created_at, provider, task_id) < (?, ?, ?)")
+            params.extend(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = (
+            f"SELECT data FROM tasks {clause} "
+            "ORDER BY created_at DESC, provider DESC, task_id DESC LIMIT ?"
+        )
+        rows = await self._fetch(sql, [*params, limit])
+        return [task_from_json(data) for (data,) in rows]
+
+    async def events_after(
+        self, after: int, limit: int, provider: str | None = None, task_id: str | None = None
+    ) -> list[EventRow]:
+        where, params = ["seq > ?"], [after]
+        if provider is not None:
+            where.append("provider = ?")
+            params.append(provider)
+        if task_id is not None:
+            where.append("task_id = ?")
+            params.append(task_id)
+        sql = (
+            f"SELECT seq, provider, task_id, type, body FROM events WHERE {' AND '.join(where)} "
+            "ORDER BY seq LIMIT ?"
+        )
+        rows = await self._fetch(sql, [*params, limit])
+        return [EventRow(*row) for row in rows]
+
+    async def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    async def deliveries(
+        self, ids: Sequence[int] | None = None, rejected_only: bool = False, limit: int = 1000
+    ) -> list[Delivery]:
+        where, params = [], []
+        if ids is not None:
+            if not ids:
+                return []
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if rejected_only:
+            where.append("outcome = 'rejected'")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetch(
+            "SELECT id, provider, received_at, headers, body, sha256, outcome, error, task_id "
+            f"FROM deliveries {clause} ORDER BY id LIMIT ?",
+            [*params, limit],
+        )
+        return [
+            Delivery(
+                did,
+                provider,
+                from_epoch(at),
+                json.loads(headers),
+                bytes(body),
+                sha,
+                Outcome(outcome),
+                error,
+                task_id,
+            )
+            for did, provider, at, headers, body, sha, outcome, error, task_id in rows
+        ]
+
+    async def settled_counts(self) -> list[Settled]:
+        rows = await self._fetch(
+            "SELECT provider, status, source, COUNT(*) FROM tasks GROUP BY provider, status, source"
+        )
+        return [Settled(*row) for row in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    # --- housekeeping ----------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        connection = self._all_readers[-1]
+        await connection.execute("PRAGMA query_only=OFF")
+        while True:
+            await self._checkpoint_wanted.wait()
+            self._checkpoint_wanted.clear()
+            started = time.perf_counter()
+            try:
+                await connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:
+                logger.exception("WAL checkpoint failed")
+            logger.debug("checkpoint took %.1f ms", (time.perf_counter() - started) * 1000)
+
+
+async def migrate(db: aiosqlite.Connection) -> list[str]:
+    """Apply pending migrations; return the names applied."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "number INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT NOT NULL, "
+        "applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')))"
+    )
+    rows = await db.execute_fetchall("SELECT number, name, sha256 FROM schema_migrations")
+    applied = [migrations.Applied(*row) for row in rows]
+    todo = migrations.pending(migrations.load("sqlite"), applied)
+    for migration in todo:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for statement in _statements(migration.sql):
+                await db.execute(statement)
+            await db.execute(
+                "INSERT INTO schema_migrations (number, name, sha256) VALUES (?, ?, ?)",
+                (migration.number, migration.name, migration.sha256),
+            )
+            await db.execute("COMMIT")
+        except Exception as error:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise MigrationError(
+                f"migration {migration.number:04d}_{migration.name} failed: {error}"
+            ) from error
+    return [f"{m.number:04d}_{m.name}" for m in todo]
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (ours hold no `;` inside literals)."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
+
+
+def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:
+    try:
+        return interpret(delivery)
+    except Exception as error:  # a bug must not lose the delivery: keep it, replay later
+        logger.exception("interpreting a %s delivery failed", delivery.provider)
+        return Rejected("internal_error", f"could not interpret the delivery: {error}")
+
+
+def _task_row(task: Task) -> tuple[Any, ...]:
+    return (
+        task.provider,
+        task.task_id,
+        task.status.value,
+        task.source.value,
+        task.external_task_id,
+        epoch(task.created_at),
+        epoch(task.updated_at),
+        epoch(task.next_poll_at) if task.next_poll_at else None,
+        task.version,
+        task_to_json(task),
+    )
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
