@@ -1,0 +1,77 @@
+"""Prometheus collectors (SPEC §2 "Operations"). One `Metrics` per running service, each with
+its own registry, so that tests can run many services in one process.
+
+Figures that live in the database (tasks by status, how tasks were settled, reconciler lag)
+are refreshed by the `/metrics` handler just before it renders; counters are incremented
+where things happen. No label ever carries a secret or a task id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.deliveries = Counter(
+            "reconciler_deliveries",
+            "Webhook deliveries by provider and outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.polls = Counter(
+            "reconciler_polls",
+            "Provider poll results by provider and outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.provider_requests = Counter(
+            "reconciler_provider_requests",
+            "HTTP requests sent to providers.",
+            ["provider", "status"],
+            registry=r,
+        )
+        self.provider_latency = Histogram(
+            "reconciler_provider_latency_seconds",
+            "Provider request latency.",
+            ["provider"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.events = Counter(
+            "reconciler_events_written", "Events appended to the log.", registry=r
+        )
+        self.tasks = Gauge(
+            "reconciler_tasks", "Tasks by provider and status.", ["provider", "status"], registry=r
+        )
+        self.settled = Gauge(
+            "reconciler_tasks_settled",
+            "Terminal tasks by provider and by what settled them: callback, poll, failed "
+            "(by the reconciler: not found, no result) or expired.",
+            ["provider", "by"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            "reconciler_lag_seconds",
+            "How far behind schedule the oldest due poll is (0 when none is due).",
+            registry=r,
+        )
+        self.breakers_open = Gauge(
+            "reconciler_breaker_open",
+            "1 while a provider's circuit breaker is open.",
+            ["provider"],
+            registry=r,
+        )
+        self.provider_paused = Gauge(
+            "reconciler_provider_paused",
+            "1 while a provider is paused for rejected credentials.",
+            ["provider"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

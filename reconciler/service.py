@@ -1,0 +1,433 @@
+"""Use cases: ingest a webhook, register a task, settle a poll, read tasks and events.
+
+This is where the pure rules (`state`, `schedule`), the adapters (`providers`) and the
+store meet. The API and the reconciler loop call only this module; neither touches the store
+or an adapter's parsing directly. Every write is one `store.apply`/`store.ingest` whose
+`decide` closure is pure, so the store can batch it into a group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from reconciler import schedule
+from reconciler.clock import Clock
+from reconciler.config import Settings
+from reconciler.errors import (
+    AuthRejected,
+    BadPayload,
+    NotFound,
+    ProviderError,
+    ReconcilerError,
+    TemporaryError,
+)
+from reconciler.feed import Feed
+from reconciler.metrics import Metrics
+from reconciler.model import Change, EventType, Observation, Source, Task, TaskRef
+from reconciler.providers import PollResult, Provider, RawDelivery
+from reconciler.schedule import Timing
+from reconciler.state import Registration, expire, fail, merge, new_task, register
+from reconciler.store import Store
+from reconciler.store.base import (
+    Accepted,
+    EventRow,
+    IngestResult,
+    NewDelivery,
+    Rejected,
+    epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_TASK_ID_LENGTH = 256
+NOT_FOUND_ERROR = "not found at provider"
+RESULT_MISSING_ERROR = "the provider reported success but gave no result URL"
+# Headers worth keeping with a delivery: enough to re-verify a signature or trace a sender.
+KEPT_HEADERS = (
+    "content-type",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "x-webhook-timestamp",
+    "x-webhook-signature",
+    "x-forwarded-for",
+)
+
+
+class Invalid(ReconcilerError):
+    """A client request that names a bad field (422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownTask(ReconcilerError):
+    pass
+
+
+@dataclass
+class Health:
+    """What the reconciler loop reports about itself, read by `/readyz` and `/metrics`."""
+
+    loop_running: bool = False
+    paused: dict[str, str] = field(default_factory=dict)  # provider -> why (auth rejected)
+    breakers_open: set[str] = field(default_factory=set)
+    lag_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+def valid_task_id(task_id: str) -> str | None:
+    """Why `task_id` is unusable, or None when it is fine."""
+    if not task_id:
+        return "the task id is empty"
+    if len(task_id) > MAX_TASK_ID_LENGTH:
+        return f"the task id is longer than {MAX_TASK_ID_LENGTH} characters"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in task_id):
+        return "the task id contains control characters"
+    return None
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        providers: Mapping[str, Provider],
+        clock: Clock,
+        feed: Feed,
+        metrics: Metrics | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.providers = providers
+        self.clock = clock
+        self.feed = feed
+        self.metrics = metrics or Metrics()
+        self.rng = rng or random.Random()
+        self.timings = {name: Timing.of(p.settings) for name, p in providers.items()}
+        # Set when a registration or webhook may have moved the earliest due poll.
+        self.wakeup = asyncio.Event()
+        # Installed by the runtime: polls one task now (the loop owns provider I/O).
+        self.poller: Callable[[Task], Awaitable[None]] | None = None
+        self.health = Health()
+
+    # --- webhooks ----------------------------------------------------------------------
+
+    def provider(self, name: str) -> Provider | None:
+        return self.providers.get(name)
+
+    def verify(self, provider: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Check the provider's own signature; raises `SignatureError`."""
+        self.providers[provider].verify(RawDelivery(headers, body))
+
+    async def ingest(self, provider: str, headers: Mapping[str, str], body: bytes) -> IngestResult:
+        kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
+        delivery = NewDelivery(
+            provider, self.clock.now(), kept, body, hashlib.sha256(body).hexdigest()
+        )
+        result = await self.store.ingest(delivery, self.interpret)
+        self.metrics.deliveries.labels(provider, result.outcome.value).inc()
+        if result.outcome.value == "applied":
+            self.metrics.events.inc()
+            self.wakeup.set()
+        return result
+
+    def interpret(self, delivery: NewDelivery) -> Accepted | Rejected:
+        """Pure: what a stored delivery says, as a decision for the store to apply."""
+        adapter = self.providers[delivery.provider]
+        try:
+            payload = json.loads(delivery.body)
+        except RecursionError:
+            return Rejected("invalid_json", "the body nests JSON too deeply to be read")
+        except ValueError as error:  # includes UnicodeDecodeError
+            return Rejected("invalid_json", f"the body is not valid UTF-8 JSON: {error}")
+        try:
+            observation = adapter.parse_callback(payload)
+        except RecursionError:
+            return Rejected("bad_payload", "the body nests too deeply to be read")
+        except BadPayload as error:
+            return Rejected("bad_payload", str(error))
+        problem = valid_task_id(observation.task_id)
+        if problem:
+            return Rejected("bad_payload", f"{delivery.provider}: {problem}")
+        candidates = [TaskRef(delivery.provider, observation.task_id)]
+        external = observation.external_task_id
+        if external and external != observation.task_id and not valid_task_id(external):
+            candidates.append(TaskRef(delivery.provider, external))
+        now = delivery.received_at
+
+        def decide(task: Task | None) -> Change | None:
+            return self._observe(candidates[0], task, observation, Source.WEBHOOK, now)
+
+        return Accepted(candidates, decide)
+
+    async def replay(
+        self, delivery_ids: Sequence[int] | None = None, failed: bool = False
+    ) -> list[IngestResult]:
+        if delivery_ids is None:
+            stored = await self.store.deliveries(rejected_only=failed)
+            delivery_ids = [delivery.id for delivery in stored]
+        return [await self.store.replay(did, self.interpret) for did in delivery_ids]
+
+    # --- rules with timing -------------------------------------------------------------
+
+    def _observe(
+        self,
+        ref: TaskRef,
+        task: Task | None,
+        observation: Observation,
+        source: Source,
+        now: datetime,
+    ) -> Change:
+        timing = self.timings[ref.provider]
+        created = task is None
+        if task is None:
+            action = observation.action or self.providers[ref.provider].default_action
+            task = new_task(ref, action, now, timing.deadline, source)
+        change = merge(task, observation, now, source, self.settings.progress_event_interval)
+        updated = change.task
+        if source is Source.POLL:
+            updated = updated.replace(poll_failures=0)
+            if schedule.result_missing_expired(updated, now, timing):
+                failed = fail(updated, now, RESULT_MISSING_ERROR)
+                if failed is not None:
+                    return self._planned(failed, None)
+            next_at = schedule.after_poll(updated, now, timing, self.rng)
+        elif created or change.event is not None or updated.next_poll_at is None:
+            next_at = schedule.first_poll(updated, now, timing)  # the webhook re-plans
+        else:
+            next_at = updated.next_poll_at
+        if created:
+            event = change.event or EventType.for_status(updated.status)
+            change = Change(updated, event, None)
+        return self._planned(Change(updated, change.event, change.previous_status), next_at)
+
+    @staticmethod
+    def _planned(change: Change, next_at: datetime | None) -> Change:
+        task = change.task
+        next_at = None if task.terminal else next_at
+        return Change(task.replace(next_poll_at=next_at), change.event, change.previous_status)
+
+    # --- registration ------------------------------------------------------------------
+
+    async def register(
+        self,
+        provider: str,
+        task_id: str,
+        action: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        deadline_seconds: float | None = None,
+    ) -> tuple[Task, bool]:
+        """Track a task; returns it and whether it is new. Idempotent."""
+        if provider not in self.providers:
+            raise Invalid("provider", f"unknown provider {provider!r}")
+        problem = valid_task_id(task_id)
+        if problem:
+            raise Invalid("task_id", problem)
+        timing = self.timings[provider]
+        adapter = self.providers[provider]
+        now = self.clock.now()
+        request = Registration(TaskRef(provider, task_id), action, metadata or {}, deadline_seconds)
+
+        def decide(task: Task | None) -> Change | None:
+            change = register(task, request, now, adapter.default_action, timing.deadline)
+            if change is None:
+                return None
+            next_at = change.task.next_poll_at or schedule.first_poll(change.task, now, timing)
+            if next_at is not None:
+                next_at = min(next_at, change.task.deadline_at)
+            return self._planned(change, next_at)
+
+        result = await self.store.apply([request.ref], decide)
+        if result.task is None:  # registering an existing task that changed nothing
+            task = await self.store.get_task(request.ref)
+            assert task is not None
+            return task, False
+        self.wakeup.set()
+        return result.task, result.created
+
+    # --- polling (called by the reconciler loop) ---------------------------------------
+
+    async def lease_due(self, limit: int, lease_seconds: float) -> list[Task]:
+        return await self.store.lease_due(self.clock.now(), limit, lease_seconds)
+
+    async def next_due_at(self) -> datetime | None:
+        return await self.store.next_due_at()
+
+    async def expire(self, task: Task) -> Task | None:
+        now = self.clock.now()
+        result = await self.store.apply([task.ref], lambda current: _maybe(current, expire, now))
+        return result.task
+
+    async def settle_poll(self, task: Task, result: PollResult) -> Task | None:
+        """Apply one task's poll result: an observation, or a task-level error."""
+        now = self.clock.now()
+        ref = task.ref
+        timing = self.timings[ref.provider]
+        outcome = "observed" if result.observation else _error_word(result.error)
+        self.metrics.polls.labels(ref.provider, outcome).inc()
+
+        def decide(current: Task | None) -> Change | None:
+            if current is None or current.terminal:
+                return None
+            if schedule.past_deadline(current, now):
+                return self._planned(expire(current, now) or Change(current, None), None)
+            if result.observation is not None:
+                return self._observe(ref, current, result.observation, Source.POLL, now)
+            counted = current.replace(
+                polls=current.polls + 1,
+                version=current.version + 1,
+                poll_failures=current.poll_failures + 1,
+            )
+            if isinstance(result.error, NotFound):
+                if schedule.not_found_expired(current, now, timing):
+                    failed = fail(counted, now, NOT_FOUND_ERROR)
+                    return self._planned(failed or Change(counted, None), None)
+                next_at = schedule.after_not_found(counted, now, timing, self.rng)
+                return self._planned(Change(counted, None), next_at)
+            delay = result.error.delay if isinstance(result.error, TemporaryError) else None
+            next_at = schedule.after_error(current, now, timing, self.rng, delay)
+            return self._planned(Change(counted, None), next_at)
+
+        applied = await self.store.apply([ref], decide)
+        return applied.task
+
+    async def poll_failed(
+        self, tasks: Sequence[Task], error: ProviderError, delay: float | None = None
+    ) -> None:
+        """A whole exchange failed: back each task off (by `delay` when the provider said)."""
+        now = self.clock.now()
+        word = _error_word(error)
+        for task in tasks:
+            self.metrics.polls.labels(task.provider, word).inc()
+        timing_of = self.timings
+
+        def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
+            def decide(current: Task | None) -> Change | None:
+                if current is None or current.terminal:
+                    return None
+                timing = timing_of[ref.provider]
+                failures = current.poll_failures + 1
+                counted = current.replace(poll_failures=failures, version=current.version + 1)
+                next_at = schedule.after_error(current, now, timing, self.rng, delay)
+                return self._planned(Change(counted, None), next_at)
+
+            return decide
+
+        await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
+
+    async def poll_now(self, ref: TaskRef) -> Task:
+        task = await self.store.get_task(ref)
+        if task is None:
+            raise UnknownTask(f"no task {ref}")
+        if task.terminal or self.poller is None:
+            return task
+        await self.poller(task)
+        fresh = await self.store.get_task(ref)
+        assert fresh is not None
+        return fresh
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get_task(self, ref: TaskRef, wait: float = 0.0) -> Task | None:
+        """The task; with `wait`, as soon as it is terminal or when the wait ends."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            seen = self.feed.last_seq
+            task = await self.store.get_task(ref)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if task is None or task.terminal or remaining <= 0:
+                return task
+            await self.feed.wait(seen, remaining)
+
+    async def list_tasks(
+        self,
+        status: str | None = None,
+        provider: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        before = _decode_cursor(cursor) if cursor else None
+        tasks = await self.store.list_tasks(status, provider, limit + 1, before)
+        next_cursor = None
+        if len(tasks) > limit:
+            tasks = tasks[:limit]
+            last = tasks[-1]
+            next_cursor = _encode_cursor((epoch(last.created_at), last.provider, last.task_id))
+        return Page(tasks, next_cursor)
+
+    async def events(
+        self,
+        after: int,
+        limit: int,
+        provider: str | None = None,
+        task_id: str | None = None,
+        wait: float = 0.0,
+    ) -> list[EventRow]:
+        """Events after `after` in seq order; with `wait`, block until one arrives."""
+        deadline = asyncio.get_running_loop().time() + wait
+        cursor = after
+        while True:
+            seen = self.feed.last_seq
+            rows = await self.store.events_after(cursor, limit, provider, task_id)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if rows or remaining <= 0:
+                return rows
+            # Nothing matched up to `seen`: skip past it and wait for newer events.
+            cursor = max(cursor, seen)
+            await self.feed.wait(seen, remaining)
+
+    async def last_seq(self) -> int:
+        return await self.store.last_seq()
+
+
+def _maybe(
+    task: Task | None, rule: Callable[[Task, datetime], Change | None], now: datetime
+) -> Change | None:
+    if task is None:
+        return None
+    change = rule(task, now)
+    return None if change is None else Service._planned(change, None)
+
+
+def _error_word(error: ProviderError | None) -> str:
+    if isinstance(error, NotFound):
+        return "not_found"
+    if isinstance(error, AuthRejected):
+        return "auth_rejected"
+    if isinstance(error, BadPayload):
+        return "malformed"
+    if isinstance(error, TemporaryError):
+        return type(error).__name__.lower()
+    return "error"
+
+
+def _encode_cursor(key: tuple[float, str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, provider, task_id = json.loads(base64.urlsafe_b64decode(padded))
+        return float(created), str(provider), str(task_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise Invalid("cursor", "the cursor is not one this service handed out") from None
