@@ -12,7 +12,7 @@ the previous commit ran, and runs the batch as one `BEGIN IMMEDIATE` transaction
 
 So a webhook costs the writer a handful of statements per *batch*, not per request, and no
 caller resumes before the commit that holds its write. Sequence numbers and delivery ids are
-assigned here: one process owns the file (SPEC §4), so the writer is the only source of both.
+assigned here, read from the database inside each write transaction.
 
 The WAL is checkpointed by a separate connection after every few hundred commits, keeping
 checkpoints off the commit path (SPEC §7: commit p99 5.5 ms with, 0.6 ms without).
@@ -77,6 +77,9 @@ INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, outcom
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _UPDATE_DELIVERY = "UPDATE deliveries SET outcome = ?, error = ?, task_id = ? WHERE id = ?"
+_NEXT_IDS = """
+SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(id), 0) FROM deliveries)
+"""
 _SELECT_DUE = """
 SELECT data FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
 ORDER BY next_poll_at LIMIT ?
@@ -310,11 +313,10 @@ class SQLiteStore:
                 await self._run(ops)
 
     async def _run(self, ops: list[_Op]) -> None:
-        seq_before, delivery_before = self._next_seq, self._next_delivery_id
+        seq_before = self._next_seq
         try:
             results = await self._transaction(ops)
         except Exception as error:
-            self._next_seq, self._next_delivery_id = seq_before, delivery_before
             logger.exception("write transaction of %d operations failed", len(ops))
             failure = (
                 error if isinstance(error, StoreError) else StoreError(f"write failed: {error}")
@@ -328,7 +330,7 @@ class SQLiteStore:
         self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
         if self.stats.commits % CHECKPOINT_EVERY == 0:
             self._checkpoint_wanted.set()
-        if self._on_commit is not None and self._next_seq != seq_before:
+        if self._on_commit is not None and self._next_seq > seq_before:
             self._on_commit(self._next_seq - 1)
         for op, result in zip(ops, results, strict=True):
             if op.future.done():
@@ -343,6 +345,12 @@ class SQLiteStore:
         assert db is not None
         await db.execute("BEGIN IMMEDIATE")
         try:
+            # Ids come from the database inside the write lock, so a second process (the
+            # `replay` command) can write beside the server without colliding.
+            async with db.execute(_NEXT_IDS) as cursor:
+                row = await cursor.fetchone()
+            assert row is not None
+            self._next_seq, self._next_delivery_id = row[0] + 1, row[1] + 1
             results = await self._batch(db, ops)
             await db.execute("COMMIT")
         except BaseException:
