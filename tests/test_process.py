@@ -1,0 +1,146 @@
+"""The `reconciler` command as a user runs it: real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+TIMEOUT = 60
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**_clean_env(), **(env or {})},
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "PORT"))}
+
+
+def test_migrate_creates_the_database_then_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "r.db"
+    env = {"RECONCILER_DATABASE_URL": f"sqlite:///{path}"}
+    first = run("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    schema = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    applied = sqlite3.connect(path).execute("SELECT * FROM schema_migrations").fetchall()
+    second = run("migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+    assert conn.execute("SELECT * FROM schema_migrations").fetchall() == applied
+
+
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run("migrate", env={"RECONCILER_PORT": "eighty"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "reconciler: RECONCILER_PORT has value 'eighty': not an integer."
+    ]
+
+
+def test_env_file_is_read(tmp_path: Path) -> None:
+    env_file = tmp_path / "conf.env"
+    env_file.write_text(
+        "# comment\nRECONCILER_PUBLIC_URL=https://r.example.com/\n"
+        "RECONCILER_CALLBACK_TOKEN='a b/c'\n"
+    )
+    result = run("callback-url", "kie", "--env-file", str(env_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "https://r.example.com/callbacks/kie?token=a%20b%2Fc"
+
+
+def test_callback_url_needs_the_public_url() -> None:
+    result = run("callback-url", "kling")
+    assert result.returncode == 2
+    assert "RECONCILER_PUBLIC_URL" in result.stderr
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    env = {
+        **_clean_env(),
+        "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
+        "RECONCILER_PORT": "0",
+        "RECONCILER_CALLBACK_TOKEN": "tok-secret-1",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reconciler",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(TIMEOUT):
+            line = (await process.stdout.readline()).decode()
+        assert "listening on http://127.0.0.1:" in line, line
+        yield process, line.rsplit(" ", 1)[1].strip()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_serve_answers_then_stops_cleanly_on_sigterm(
+    server: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    process, url = server
+    async with httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        registered = await client.post("/tasks", json={"provider": "kling", "task_id": "p1"})
+        assert registered.status_code == 201
+        callback = await client.post(
+            "/callbacks/kling?token=tok-secret-1",
+            json={"task_id": "p1", "task_status": "processing"},
+        )
+        assert callback.status_code == 200
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(TIMEOUT):
+        code = await process.wait()
+    assert process.stderr is not None
+    log = (await process.stderr.read()).decode()
+    assert code == 0, log
+    assert "tok-secret-1" not in log
+    assert "Traceback" not in log
+
+
+async def test_track_and_tail_talk_to_the_server(
+    server: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    _, url = server
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler", *args, "--url", url],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=_clean_env(),
+        )
+
+    tracked = await asyncio.to_thread(cli, "track", "acedata", "a-1", "--action", "text2video")
+    assert tracked.returncode == 0, tracked.stderr
+    assert json.loads(tracked.stdout)["status"] == "submitted"
+    tailed = await asyncio.to_thread(cli, "tail")
+    assert tailed.returncode == 0, tailed.stderr
+    events = [json.loads(line) for line in tailed.stdout.splitlines()]
+    assert [(e["type"], e["task_id"]) for e in events] == [("task.registered", "a-1")]
