@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
@@ -109,14 +108,9 @@ async def _serve(settings: Settings, access_log: bool) -> None:
             f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
         ) from None
     async with open_runtime(settings) as runtime:
-
-        def on_signal(signum: int, frame: object) -> None:
-            runtime.reconciler.stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
         address = sock.getsockname()
         click.echo(f"reconciler {__version__} listening on http://{address[0]}:{address[1]}")
+        sys.stdout.flush()  # a supervisor (or test) reading our stdout learns the port now
         await run_service(runtime, sock, access_log)
 
 

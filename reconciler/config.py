@@ -118,7 +118,7 @@ class Settings:
         if port is None:
             port = env.integer("PORT", 8080, low=0, high=65535)
         assert port is not None
-        database_url = env.text("RECONCILER_DATABASE_URL", "sqlite:///reconciler.db")
+        database_url = env.text("RECONCILER_DATABASE_URL", None) or "sqlite:///reconciler.db"
         _check_database_url(database_url)
         public_url = env.text("RECONCILER_PUBLIC_URL", None)
         if public_url is not None:

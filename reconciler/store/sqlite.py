@@ -401,10 +401,10 @@ class SQLiteStore:
                     plans[id(op)] = _Duplicate(refs)
                     wanted.update(refs)
                     continue
-                plan = _interpret(op.interpret, op.delivery)
-                if isinstance(plan, Accepted):
-                    in_batch[key] = plan.candidates
-                plans[id(op)] = plan
+                interpreted = _interpret(op.interpret, op.delivery)
+                if isinstance(interpreted, Accepted):
+                    in_batch[key] = interpreted.candidates
+                plans[id(op)] = interpreted
             elif isinstance(op, _Replay):
                 delivery = replayed.get(op.delivery_id)
                 plans[id(op)] = None if delivery is None else _interpret(op.interpret, delivery)
@@ -552,7 +552,8 @@ class SQLiteStore:
         limit: int = 100,
         before: tuple[float, str, str] | None = None,
     ) -> list[Task]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if status is not None:
             where.append("status = ?")
             params.append(status)
@@ -573,7 +574,8 @@ class SQLiteStore:
     async def events_after(
         self, after: int, limit: int, provider: str | None = None, task_id: str | None = None
     ) -> list[EventRow]:
-        where, params = ["seq > ?"], [after]
+        where: list[str] = ["seq > ?"]
+        params: list[object] = [after]
         if provider is not None:
             where.append("provider = ?")
             params.append(provider)
@@ -593,7 +595,8 @@ class SQLiteStore:
     async def deliveries(
         self, ids: Sequence[int] | None = None, rejected_only: bool = False, limit: int = 1000
     ) -> list[Delivery]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if ids is not None:
             if not ids:
                 return []
