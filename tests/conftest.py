@@ -12,6 +12,12 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from hypothesis import settings
+
+# Deterministic property tests (the same examples every run) with no per-example deadline:
+# these machines are noisy, and a slow example is not a failure.
+settings.register_profile("reconciler", derandomize=True, deadline=None)
+settings.load_profile("reconciler")
 
 from reconciler.clock import Clock, FakeClock
 from reconciler.config import Settings

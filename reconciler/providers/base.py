@@ -181,8 +181,10 @@ def text(value: object) -> str | None:
     if isinstance(value, str):
         value = value.strip()
         return value or None
-    if isinstance(value, int | float) and math.isfinite(value):
-        return str(int(value)) if isinstance(value, int) or value.is_integer() else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else str(value)
     return None
 
 
@@ -190,14 +192,14 @@ def number(value: object) -> float | None:
     """A finite number from a number or numeric string ("5.1", "5s" is not one)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            result = float(value)
+        elif isinstance(value, str):
             result = float(value.strip())
-        except ValueError:
+        else:
             return None
-    else:
+    except (ValueError, OverflowError):  # "5s", or an integer too large for a float
         return None
     return result if math.isfinite(result) else None
 
