@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,18 @@ class Settings:
     progress_event_interval: float = 5.0
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # The database URL may carry a password: show it redacted, like every other secret.
+        return (
+            f"Settings(database_url={_redact_url(self.database_url)!r}, host={self.host!r}, "
+            f"port={self.port!r}, api_token={self.api_token!r}, "
+            f"callback_token={self.callback_token!r}, "
+            f"public_url={None if self.public_url is None else _redact_url(self.public_url)!r}, "
+            f"max_body_bytes={self.max_body_bytes!r}, "
+            f"progress_event_interval={self.progress_event_interval!r}, "
+            f"providers={dict(self.providers)!r})"
+        )
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         env = _Reader(environ)
@@ -204,6 +217,8 @@ class _Reader:
         if raw is None:
             return default
         try:
+            if "_" in raw:  # Python's literal syntax (1_000) is not a configuration value
+                raise ValueError(raw)
             value = convert(raw)
         except ValueError:
             raise ConfigError(f"{name} has value {raw!r}: not {what}.") from None
@@ -218,13 +233,19 @@ class _Reader:
     def integer(
         self, name: str, default: int | None, low: int | None = None, high: int | None = None
     ) -> int | None:
-        value = self._number(name, default, int, "an integer", low, high)
+        value = self._number(name, default, _integer, "an integer", low, high)
         return None if value is None else int(value)
 
     def seconds(self, name: str, default: float, low: float = 0.0) -> float:
         value = self._number(name, default, float, "a number of seconds", low, None)
         assert value is not None
         return value
+
+
+def _integer(raw: str) -> int:
+    if not re.fullmatch(r"[+-]?[0-9]+", raw):
+        raise ValueError(raw)
+    return int(raw)
 
 
 def _check_database_url(url: str) -> None:
@@ -239,15 +260,23 @@ def _check_database_url(url: str) -> None:
 
 
 def _check_http_url(name: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError:
+        usable = False
+    if not usable:
         raise ConfigError(f"{name} has value {_redact_url(url)!r}: not an http(s) URL.")
 
 
 def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(parts.password, "***")
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # unparseable: hide whatever sits between "://" and "@"
+        return re.sub(r"(?<=://)[^@/]*@", "***@", url)
+    if password:
+        return url.replace(password, "***")
     return url
 
 
@@ -258,6 +287,10 @@ def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"--env-file {os.fspath(path)!r}: {error.strerror}.") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"--env-file {os.fspath(path)!r}: not UTF-8 text (byte {error.start})."
+        ) from None
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):

@@ -52,6 +52,7 @@ def register(
 ) -> Change | None:
     """Registration is idempotent: metadata merges; the first one logs `task.registered`."""
     deadline_seconds = request.deadline_seconds or deadline
+    previous = None if task is None else task.status  # a new task had no status before
     if task is None:
         task = new_task(
             request.ref, request.action or default_action, now, deadline_seconds, Source.REGISTER
@@ -72,7 +73,7 @@ def register(
         changes["deadline_at"] = task.created_at + timedelta(seconds=request.deadline_seconds)
     if request.external_task_id and not task.external_task_id:
         changes["external_task_id"] = request.external_task_id
-    return Change(_touch(task, now, **changes), EventType.REGISTERED, task.status)
+    return Change(_touch(task, now, **changes), EventType.REGISTERED, previous)
 
 
 def merge(
@@ -93,9 +94,9 @@ def merge(
 
     if new_status is not None and new_status.rank < task.status.rank:
         return Change(_touch(task, now, **counted), None, task.status)  # stale, out of order
+    # At equal rank (or with no rank: an unknown word), an older report is stale too.
     if (
-        new_status is not None
-        and new_status.rank == task.status.rank
+        (new_status is None or new_status.rank == task.status.rank)
         and observation.provider_updated_at is not None
         and task.provider_updated_at is not None
         and observation.provider_updated_at < task.provider_updated_at
@@ -120,7 +121,10 @@ def merge(
         visible["progress"] = progress
     if observation.videos and observation.videos != task.videos and status is Status.COMPLETED:
         visible["videos"] = observation.videos
-    if observation.error and observation.error != task.error and status is not Status.COMPLETED:
+    if status is Status.COMPLETED:
+        if task.error is not None:
+            visible["error"] = None  # an earlier transient complaint is not the outcome
+    elif observation.error and observation.error != task.error:
         visible["error"] = observation.error
 
     quiet: dict[str, Any] = dict(counted)
