@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import click
 
+from reconciler import logs
 from reconciler.config import Settings
 from reconciler.errors import ReconcilerError
 from reconciler.runtime import Runtime, bind, open_runtime, run_service
@@ -106,6 +107,7 @@ def _register_later(
 async def run_demo(settings: Settings, access_log: bool = False) -> None:
     simulator = Simulator(seed=random.randrange(2**32), faults=DEMO_FAULTS)
     token = secrets.token_urlsafe(16)
+    logs.protect([token])
     try:
         sock = bind(settings.host, settings.port)
     except OSError as error:

@@ -20,7 +20,12 @@ class RedactQuery(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+        if (
+            record.name == "uvicorn.access"
+            and isinstance(args, tuple)
+            and len(args) >= 3
+            and isinstance(args[2], str)
+        ):
             path, sep, _ = args[2].partition("?")
             if sep:
                 record.args = (*args[:2], f"{path}?{REDACTED}", *args[3:])
@@ -30,8 +35,13 @@ class RedactQuery(logging.Filter):
 class ScrubSecrets(logging.Filter):
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
+        self.secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
         # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        found = {*self.secrets, *(s for s in secrets if len(s) >= 4)}
+        self.secrets = sorted(found, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
@@ -63,3 +73,14 @@ def setup(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # httpx logs every request at INFO, URL and query included: not per-request, not here.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def protect(secrets: Iterable[str]) -> None:
+    """Add secrets learned after `setup` (e.g. the demo's generated token) to the scrubber."""
+    for handler in logging.getLogger().handlers:
+        for log_filter in handler.filters:
+            if isinstance(log_filter, ScrubSecrets):
+                log_filter.add(secrets)
