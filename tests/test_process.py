@@ -144,3 +144,43 @@ async def test_track_and_tail_talk_to_the_server(
     assert tailed.returncode == 0, tailed.stderr
     events = [json.loads(line) for line in tailed.stdout.splitlines()]
     assert [(e["type"], e["task_id"]) for e in events] == [("task.registered", "a-1")]
+
+
+async def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {**_clean_env(), "RECONCILER_PORT": "0"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reconciler",
+        "serve",
+        "--demo",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        url = None
+        async with asyncio.timeout(TIMEOUT):
+            while url is None:
+                line = (await process.stdout.readline()).decode()
+                assert line, "the demo exited before printing its dashboard URL"
+                if "dashboard:" in line:
+                    url = line.split("dashboard:", 1)[1].strip().rstrip("/")
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            page = (await client.get("/events", params={"after": 0, "wait": 20})).json()
+            assert page["events"], "the demo wrote no event"
+            assert (await client.get("/")).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(TIMEOUT):
+            code = await process.wait()
+        assert process.stderr is not None
+        log = (await process.stderr.read()).decode()
+        assert code == 0, log
+        assert "Traceback" not in log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
