@@ -65,8 +65,11 @@ def register(
     changes: dict[str, Any] = {
         "registered": True,
         "metadata": {**task.metadata, **request.metadata},
-        "source": Source.REGISTER,
     }
+    if not task.terminal:
+        # A late registration of a settled task keeps the source that settled it: that is
+        # how /metrics tells callbacks from polls.
+        changes["source"] = Source.REGISTER
     if request.action:
         changes["action"] = request.action
     if request.deadline_seconds:

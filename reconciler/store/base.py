@@ -27,6 +27,7 @@ from reconciler.model import (
     Change,
     Delivery,
     Event,
+    EventType,
     Outcome,
     Source,
     Status,
@@ -221,7 +222,9 @@ def event_json(seq: int, change: Change, delivery_id: int | None, at: datetime) 
         type=change.event,
         provider=task.provider,
         task_id=task.task_id,
-        source=task.source,
+        # A late registration of a settled task keeps the task's source; its event is
+        # still the registration's.
+        source=Source.REGISTER if change.event is EventType.REGISTERED else task.source,
         status=task.status,
         previous_status=change.previous_status,
         delivery_id=delivery_id,
