@@ -21,6 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from reconciler.api import create_app
+from reconciler.api.stream import close_streams
 from reconciler.clock import Clock, SystemClock
 from reconciler.config import Settings
 from reconciler.feed import Feed
@@ -101,6 +102,7 @@ async def run_service(
     server = server_for(runtime.app, access_log)
 
     def on_signal(signum: int, frame: object) -> None:
+        close_streams(runtime.app)
         server.should_exit = True
         runtime.reconciler.stop()
 
@@ -116,6 +118,7 @@ async def run_service(
     try:
         done, _ = await asyncio.wait({http, loop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        close_streams(runtime.app)  # uvicorn's shutdown waits for open SSE responses
         server.should_exit = True
         runtime.reconciler.stop()
         results = await asyncio.gather(http, loop, return_exceptions=True)

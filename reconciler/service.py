@@ -33,7 +33,7 @@ from reconciler.errors import (
 )
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
-from reconciler.model import Change, EventType, Observation, Source, Task, TaskRef
+from reconciler.model import Change, EventType, Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PollResult, Provider, RawDelivery
 from reconciler.schedule import Timing
 from reconciler.state import Registration, expire, fail, merge, new_task, register
@@ -91,6 +91,35 @@ class Health:
 class Page:
     tasks: list[Task]
     next_cursor: str | None
+
+
+# How a task was settled, per provider: by its callback, recovered by a poll, or given up on
+# by the reconciler. "open" counts the tasks not settled yet.
+SETTLED_BY = ("callback", "poll", "failed", "expired", "open")
+
+
+def settled_by(status: Status, source: Source) -> str:
+    """Which `SETTLED_BY` bucket a task with this status and last source belongs to."""
+    if not status.terminal:
+        return "open"
+    if status is Status.EXPIRED:
+        return "expired"
+    if source is Source.POLL:
+        return "poll"
+    if source is Source.RECONCILER:
+        return "failed"  # e.g. not found at the provider, or success without a result
+    # WEBHOOK, and REGISTER: a registration that arrives after the task settled becomes its
+    # last source. Such a task was created by a callback (nothing else creates unregistered
+    # tasks), so the callback is by far the likeliest settler; the row keeps no better record.
+    return "callback"
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    tasks: Mapping[tuple[str, str], int]  # (provider, status) -> count
+    settled: Mapping[str, Mapping[str, int]]  # provider -> SETTLED_BY word -> count
+    lag_seconds: float
+    last_seq: int
 
 
 def valid_task_id(task_id: str) -> str | None:
@@ -334,6 +363,18 @@ class Service:
 
         await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
 
+    async def defer(self, tasks: Sequence[Task], until: datetime) -> None:
+        """Hand leased tasks back due at `until` (never past their deadline) without counting
+        a failed poll: the loop held them for a provider's own limits (rate, Retry-After,
+        breaker, pause), not because anything went wrong with them."""
+
+        def hold(current: Task | None) -> Change | None:
+            if current is None or current.terminal:
+                return None
+            return Change(current.replace(next_poll_at=min(until, current.deadline_at)), None)
+
+        await asyncio.gather(*(self.store.apply([t.ref], hold) for t in tasks))
+
     async def poll_now(self, ref: TaskRef) -> Task:
         task = await self.store.get_task(ref)
         if task is None:
@@ -397,6 +438,40 @@ class Service:
 
     async def last_seq(self) -> int:
         return await self.store.last_seq()
+
+    # --- operations: /readyz, /metrics and the dashboard's /stats ----------------------
+
+    async def readiness(self, timeout_seconds: float = 2.0) -> list[str]:
+        """Why the service should not receive traffic; empty when it is ready."""
+        reasons = []
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self.store.ping()
+        except TimeoutError:
+            reasons.append(f"database did not answer within {timeout_seconds:g} s")
+        except Exception as error:  # whatever the driver raises, the answer is "not reachable"
+            # Only the class name: a driver's message may quote the connection string.
+            reasons.append(f"database unreachable ({type(error).__name__})")
+        if not self.health.loop_running:
+            reasons.append("reconciler loop not running")
+        for name, why in sorted(self.health.paused.items()):
+            reasons.append(f"{name}: credentials rejected ({why})")
+        return reasons
+
+    async def overview(self) -> Overview:
+        """Task counts, how terminal tasks were settled, lag and the log head, in one read."""
+        counts: dict[tuple[str, str], int] = {}
+        settled = {name: dict.fromkeys(SETTLED_BY, 0) for name in self.providers}
+        for row in await self.store.settled_counts():
+            counts[row.provider, row.status] = counts.get((row.provider, row.status), 0) + row.count
+            by = settled_by(Status(row.status), Source(row.source))
+            settled.setdefault(row.provider, dict.fromkeys(SETTLED_BY, 0))[by] += row.count
+        now = self.clock.now()
+        due = await self.store.oldest_due_at(now)
+        # The loop's own figure, or the database's when the loop is stuck or not running.
+        overdue = (now - due).total_seconds() if due is not None else 0.0
+        lag = max(self.health.lag_seconds, overdue, 0.0)
+        return Overview(counts, settled, lag, await self.store.last_seq())
 
 
 def _maybe(

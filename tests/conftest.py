@@ -14,17 +14,17 @@ import httpx
 import pytest
 from hypothesis import settings
 
-# Deterministic property tests (the same examples every run) with no per-example deadline:
-# these machines are noisy, and a slow example is not a failure.
-settings.register_profile("reconciler", derandomize=True, deadline=None)
-settings.load_profile("reconciler")
-
 from reconciler.clock import Clock, FakeClock
 from reconciler.config import Settings
 from reconciler.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:  # the runtime imports everything; fixtures import it only when used
     from reconciler.runtime import Runtime
+
+# Deterministic property tests (the same examples every run) with no per-example deadline:
+# these machines are noisy, and a slow example is not a failure.
+settings.register_profile("reconciler", derandomize=True, deadline=None)
+settings.load_profile("reconciler")
 
 
 @pytest.fixture

@@ -1,0 +1,329 @@
+"""Per-provider limits on talking to a provider: rate, concurrency, Retry-After, circuit
+breaker and the pause after rejected credentials (SPEC §3 "Limits").
+
+Everything here is driven by the `now` its caller passes in and never sleeps: each object
+answers "may I send now, and if not, from when". The reconciler loop does the waiting
+(through `Clock.sleep_until`, so a `FakeClock` test controls it) and the sending. What this
+module does not own: which tasks are due (the store), what a failure does to a task's
+schedule (`service`/`schedule`), and HTTP.
+
+- `TokenBucket`: `rate` requests per second with at most `burst` at once. The default burst
+  of 1 spaces requests by `1/rate`, so a provider never sees more than `rate` requests in
+  any one-second window: a bucket that refills to `rate` after an idle spell would allow
+  nearly twice `rate` in one window, which is what earns a 429.
+- `Breaker`: closed → open after `threshold` consecutive failed exchanges → half-open when
+  the cool-down ends, where one probe decides: success closes it, failure reopens it with
+  a doubled cool-down.
+- `ProviderLimits`: one provider's bucket, concurrency, Retry-After block, breaker and auth
+  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, outcome)` around each
+  batch exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+from datetime import datetime, timedelta
+
+from reconciler.config import ProviderSettings
+
+# A 429 without Retry-After blocks the provider this long, doubling while they keep coming.
+RATE_LIMIT_BACKOFF_SECONDS = 1.0
+RATE_LIMIT_BACKOFF_MAX_SECONDS = 60.0
+# Rejected credentials are rarely fixed within seconds: probe again every few minutes.
+PAUSE_SECONDS = 300.0
+BREAKER_THRESHOLD = 5
+BREAKER_COOLDOWN_SECONDS = 30.0
+BREAKER_COOLDOWN_MAX_SECONDS = 600.0
+# Floating-point slack when counting tokens, so that a clock set exactly to `ready_at`
+# finds the token there.
+_EPSILON = 1e-9
+
+
+def after(now: datetime, seconds: float) -> datetime:
+    """`now + seconds`, rounded *up* to the microsecond a datetime can hold: a wait rounded
+    down would wake a hair early, find nothing ready and ask to wait again (a busy loop)."""
+    return now + timedelta(microseconds=math.ceil(max(0.0, seconds) * 1e6))
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float = 1.0) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: datetime | None = None
+
+    def tokens(self, now: datetime) -> float:
+        """Tokens available at `now` (not before the last take: time never runs back)."""
+        if self._at is None or now <= self._at:
+            return self._tokens
+        elapsed = (now - self._at).total_seconds()
+        return min(self.burst, self._tokens + elapsed * self.rate)
+
+    def ready_at(self, now: datetime, count: int = 1) -> datetime:
+        """When the `count`-th next token will be there if nobody else takes one: the n-th
+        send of a queue paced at `rate` (beyond `burst`, a projection, not a promise)."""
+        missing = count - self.tokens(now)
+        if missing <= _EPSILON:
+            return now
+        return after(now, missing / self.rate)
+
+    def take(self, now: datetime) -> float:
+        """Take a token: 0.0 when one was there, else the seconds to wait (nothing taken)."""
+        tokens = self.tokens(now)
+        if tokens + _EPSILON < 1.0:
+            return (self.ready_at(now) - now).total_seconds()
+        self._tokens = max(0.0, tokens - 1.0)
+        if self._at is None or now > self._at:
+            self._at = now
+        return 0.0
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class Breaker:
+    def __init__(
+        self,
+        threshold: int = BREAKER_THRESHOLD,
+        cooldown_seconds: float = BREAKER_COOLDOWN_SECONDS,
+        max_cooldown_seconds: float = BREAKER_COOLDOWN_MAX_SECONDS,
+    ) -> None:
+        self.threshold = threshold
+        self.base_cooldown = cooldown_seconds
+        self.max_cooldown = max_cooldown_seconds
+        self.failures = 0  # consecutive, while closed
+        self.cooldown = cooldown_seconds
+        self.open_until: datetime | None = None
+        self._state = BreakerState.CLOSED
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    def state_at(self, now: datetime) -> BreakerState:
+        if self._state is BreakerState.OPEN and self.open_until and now >= self.open_until:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def allows(self, now: datetime) -> bool:
+        """May an exchange start now? In half-open this grants the single probe, so call it
+        only when the exchange will really start, and report its end."""
+        state = self.state_at(now)
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.OPEN or self._probing:
+            return False
+        self._state = BreakerState.HALF_OPEN
+        self._probing = True
+        return True
+
+    def ready_at(self, now: datetime, probe_seconds: float) -> datetime | None:
+        """None when `allows` would say yes; else when to ask again. A probe in flight is
+        given `probe_seconds` (its timeout) to decide."""
+        state = self.state_at(now)
+        if state is BreakerState.CLOSED:
+            return None
+        if state is BreakerState.OPEN:
+            return self.open_until
+        return after(now, probe_seconds) if self._probing else None
+
+    def blocks(self, now: datetime) -> datetime | None:
+        """Until when an exchange already under way must not send more: only while open."""
+        return self.open_until if self.state_at(now) is BreakerState.OPEN else None
+
+    def record_success(self, now: datetime | None = None) -> None:
+        self._state = BreakerState.CLOSED
+        self._probing = False
+        self.failures = 0
+        self.cooldown = self.base_cooldown
+        self.open_until = None
+
+    def record_failure(self, now: datetime) -> None:
+        if self._state is BreakerState.CLOSED:
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self._open(now)
+            return
+        if self._state is BreakerState.HALF_OPEN:
+            # The probe failed: the provider is still broken, wait longer before the next.
+            self.cooldown = min(self.max_cooldown, self.cooldown * 2)
+            self._open(now)
+        # Already open: late failures of exchanges started before it opened change nothing.
+
+    def release(self) -> None:
+        """A probe ended without a verdict (rate limited, abandoned): allow another."""
+        self._probing = False
+
+    def _open(self, now: datetime) -> None:
+        self._state = BreakerState.OPEN
+        self._probing = False
+        self.failures = 0
+        self.open_until = after(now, self.cooldown)
+
+
+class Outcome(enum.Enum):
+    """How one batch exchange ended, as far as the provider's health is concerned."""
+
+    SUCCESS = "success"  # an answer we could read (including "not found")
+    FAILURE = "failure"  # 5xx, timeout, transport error, unreadable answer
+    RATE_LIMITED = "rate_limited"  # 429: the whole provider waits
+    REJECTED = "rejected"  # credentials/account refused: pause the provider
+    ABANDONED = "abandoned"  # no verdict: held back mid-way, or shutting down
+
+
+class ProviderLimits:
+    """One provider's limits. `start(now)` before a batch exchange (False: not now, see
+    `ready_at`), `finish(now, outcome)` after it, and before each further request within
+    it `stopped_until(now)` (give up) and `take_turn(now)` (wait for a token)."""
+
+    def __init__(
+        self,
+        name: str,
+        rate: float,
+        concurrency: int,
+        *,
+        burst: float = 1.0,
+        probe_seconds: float = 30.0,
+        pause_seconds: float = PAUSE_SECONDS,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.name = name
+        self.bucket = TokenBucket(rate, burst)
+        self.concurrency = concurrency
+        # Requests in flight; held only around the HTTP exchange itself.
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.in_flight = 0  # batch exchanges started and not finished
+        self.breaker = breaker or Breaker()
+        self.probe_seconds = probe_seconds
+        self.pause_seconds = pause_seconds
+        self.blocked_until: datetime | None = None  # Retry-After, for the whole provider
+        self.rate_limited_streak = 0
+        self.paused: str | None = None  # why, while credentials are rejected
+        self.paused_until: datetime | None = None
+        self._pause_probing = False
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> ProviderLimits:
+        return cls(
+            settings.name,
+            settings.rate_limit,
+            settings.concurrency,
+            probe_seconds=settings.request_timeout,
+        )
+
+    # --- questions -----------------------------------------------------------------------
+
+    def held_until(self, now: datetime) -> datetime | None:
+        """Until when nothing at all may be sent (Retry-After, pause, open breaker)."""
+        times = []
+        if self.blocked_until is not None and now < self.blocked_until:
+            times.append(self.blocked_until)
+        if self.paused is not None and self.paused_until is not None:
+            if now < self.paused_until:
+                times.append(self.paused_until)
+            elif self._pause_probing:
+                times.append(after(now, self.probe_seconds))
+        breaker = self.breaker.ready_at(now, self.probe_seconds)
+        if breaker is not None:
+            times.append(breaker)
+        return max(times) if times else None
+
+    def ready_at(self, now: datetime) -> datetime | None:
+        """None when a batch may start now; else the earliest time one might."""
+        held = self.held_until(now)
+        token = self.bucket.ready_at(held or now)
+        if held is None and token <= now:
+            return None
+        return max(token, held or now)
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.concurrency
+
+    def slot_at(self, now: datetime, position: int) -> datetime:
+        """When the batch `position` places back in this provider's queue (0: next) may
+        start, pacing the queue at `rate` from the moment the provider is free again."""
+        start = self.held_until(now) or now
+        return self.bucket.ready_at(start, position + 1)
+
+    # --- one batch exchange --------------------------------------------------------------
+
+    def start(self, now: datetime, *, need_room: bool = True) -> bool:
+        """Begin a batch exchange now if allowed: takes a token and, after an open breaker
+        or a pause, makes this exchange the probe."""
+        if self.ready_at(now) is not None or (need_room and not self.has_room()):
+            return False
+        if not self.breaker.allows(now):
+            return False
+        if self.paused is not None:
+            self._pause_probing = True
+        self.bucket.take(now)
+        self.in_flight += 1
+        return True
+
+    def stopped_until(self, now: datetime) -> datetime | None:
+        """Until when an exchange already under way must send nothing more (Retry-After,
+        pause, open breaker); None when it may carry on. A half-open breaker does not stop
+        the probe that is under way."""
+        times = [
+            until
+            for until in (
+                self.blocked_until,
+                self.paused_until if self.paused is not None else None,
+                self.breaker.blocks(now),
+            )
+            if until is not None and now < until
+        ]
+        return max(times) if times else None
+
+    def take_turn(self, now: datetime) -> datetime | None:
+        """A token for a further request of an exchange under way: None when taken, else
+        when to try again."""
+        wait = self.bucket.take(now)
+        return None if wait <= 0 else after(now, wait)
+
+    def finish(
+        self,
+        now: datetime,
+        outcome: Outcome,
+        *,
+        retry_after: float | None = None,
+        reason: str | None = None,
+    ) -> datetime | None:
+        """Record how an exchange ended. Returns until when the provider is now held
+        (Retry-After or pause), for backing the exchange's tasks off to that time."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if outcome is Outcome.SUCCESS:
+            self.breaker.record_success(now)
+            self.rate_limited_streak = 0
+            self.paused = self.paused_until = None
+            self._pause_probing = False
+            return None
+        if outcome is Outcome.FAILURE:
+            self.breaker.record_failure(now)
+            self._pause_probing = False
+            return None
+        self.breaker.release()
+        self._pause_probing = False
+        if outcome is Outcome.RATE_LIMITED:
+            if retry_after is None:
+                retry_after = min(
+                    RATE_LIMIT_BACKOFF_MAX_SECONDS,
+                    RATE_LIMIT_BACKOFF_SECONDS * 2.0**self.rate_limited_streak,
+                )
+            self.rate_limited_streak += 1
+            until = after(now, retry_after)
+            self.blocked_until = max(until, self.blocked_until or until)
+            return self.blocked_until
+        if outcome is Outcome.REJECTED:
+            self.paused = reason or "credentials rejected"
+            self.paused_until = after(now, self.pause_seconds)
+            return self.paused_until
+        return None  # ABANDONED

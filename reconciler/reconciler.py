@@ -1,0 +1,539 @@
+"""The reconciler loop (SPEC §3): sleep until the earliest due poll or a wake-up, lease the
+due tasks in bounded chunks, batch them per provider, send the adapters' requests within
+each provider's limits, and hand every answer to the service.
+
+This module owns provider I/O: the HTTP clients, the per-provider limits (`limits.py`), the
+timeouts, and the request metrics. It does not own timing rules (`schedule.py`, applied
+by the service), what an answer means (the adapters) or storage (reached only through
+`Service`: `lease_due`, `settle_poll`, `poll_failed`, `defer`, `expire`, `next_due_at`).
+
+The database is the queue. A pass leases at most `chunk` due tasks; a task's lease pushes
+its `next_poll_at` forward, so a poll abandoned by a crash or a shutdown is simply retried
+when the lease ends. Batches a provider cannot take now (token bucket empty, Retry-After,
+open breaker, paused credentials, all its connections busy) are handed back due at the
+provider's projected free slot, paced at its rate, so that nothing waits in memory, no
+provider holds up another, and nothing spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+
+import httpx
+
+from reconciler.clock import Clock
+from reconciler.errors import (
+    AuthRejected,
+    BadPayload,
+    NotFound,
+    ProviderError,
+    RateLimited,
+    ServerError,
+    StoreError,
+    TemporaryError,
+    Timeout,
+)
+from reconciler.limits import PAUSE_SECONDS, BreakerState, Outcome, ProviderLimits, after
+from reconciler.model import Task, iso
+from reconciler.providers import PollFlow, PollResult, Provider
+from reconciler.service import Service
+
+logger = logging.getLogger(__name__)
+
+Step = httpx.Request | list[PollResult]
+
+
+@dataclass
+class PassReport:
+    """What one pass did (flows of the pass update it as they finish)."""
+
+    leased: int = 0
+    expired: int = 0
+    batches: int = 0  # batch exchanges started
+    dispatched: int = 0  # tasks in those batches
+    settled: int = 0  # tasks whose poll result (an observation or a task error) was applied
+    backed_off: int = 0  # tasks whose exchange failed as a whole
+    deferred: int = 0  # tasks handed back for a provider's limits
+    abandoned: int = 0  # tasks left leased (shutdown): retried when the lease ends
+    requests: Counter[str] = field(default_factory=Counter)  # provider -> requests sent
+    next_due_at: datetime | None = None
+
+    @property
+    def provider_requests(self) -> int:
+        return sum(self.requests.values())
+
+
+class _Held(Exception):
+    """The provider became unavailable in the middle of an exchange: stop, hand back."""
+
+    def __init__(self, until: datetime) -> None:
+        super().__init__(iso(until))
+        self.until = until
+
+
+class _Abandoned(Exception):
+    """Shutting down while an exchange waited for its turn."""
+
+
+@dataclass
+class _Lane:
+    provider: Provider
+    limits: ProviderLimits
+    auth: httpx.Auth | None = None
+    client: httpx.AsyncClient | None = None
+
+
+@dataclass
+class _Verdict:
+    results: list[PollResult] | None = None
+    error: ProviderError | None = None
+    held_until: datetime | None = None  # hand the tasks back due then
+    delay: float | None = None  # back the tasks off this long (None: schedule's backoff)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        service: Service,
+        providers: Mapping[str, Provider],
+        clock: Clock,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        chunk: int = 500,
+        lease_seconds: float = 120.0,
+    ) -> None:
+        if chunk < 1 or lease_seconds <= 0:
+            raise ValueError("chunk must be >= 1 and lease_seconds > 0")
+        self.service = service
+        self.providers = providers
+        self.clock = clock
+        self.chunk = chunk
+        self.lease_seconds = lease_seconds
+        self._transport = transport
+        self._lanes = {
+            name: _Lane(provider, ProviderLimits.from_settings(provider.settings))
+            for name, provider in providers.items()
+        }
+        self._clients: list[httpx.AsyncClient] = []
+        self._opened = False
+        self._closed = False
+        self._stop = asyncio.Event()
+
+    @property
+    def limits(self) -> Mapping[str, ProviderLimits]:
+        return {name: lane.limits for name, lane in self._lanes.items()}
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Reconciler:
+        if self._opened:
+            raise RuntimeError("this Reconciler was already opened")
+        self._opened = True
+        shared = None
+        if self._transport is not None:
+            # A test transport serves every provider; per-provider pools would not apply.
+            shared = httpx.AsyncClient(transport=self._transport)
+            self._clients.append(shared)
+        for lane in self._lanes.values():
+            settings = lane.provider.settings
+            lane.auth = lane.provider.auth()
+            if shared is not None:
+                lane.client = shared
+                continue
+            # One pool per provider: a provider whose connections hang cannot take the
+            # sockets another one needs. The concurrency limit is the pool size.
+            lane.client = httpx.AsyncClient(
+                timeout=httpx.Timeout(settings.request_timeout),
+                limits=httpx.Limits(
+                    max_connections=settings.concurrency,
+                    max_keepalive_connections=settings.concurrency,
+                ),
+            )
+            self._clients.append(lane.client)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self._closed = True
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.aclose()
+        for lane in self._lanes.values():
+            lane.client = None
+
+    def _check_open(self) -> None:
+        if not self._opened or self._closed:
+            raise RuntimeError("use the Reconciler inside `async with`, once")
+
+    def stop(self) -> None:
+        """Ask `run()` to return: no new polls start, waits for a turn are abandoned, and
+        polls already talking to their provider finish (bounded by its request timeout)."""
+        self._stop.set()
+        self.service.wakeup.set()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Passes until `stop()`, sleeping until the earliest due poll or a wake-up.
+
+        Polls started by a pass run on while the loop sleeps and starts later passes: a slow
+        or hanging provider delays only its own tasks. A store error ends the loop (and the
+        process, through the runtime); a provider's failures never do.
+        """
+        self._check_open()
+        health = self.service.health
+        health.loop_running = True
+        try:
+            async with asyncio.TaskGroup() as group:
+                while not self._stop.is_set():
+                    # Cleared before the pass: a registration during it wakes the next sleep.
+                    self.service.wakeup.clear()
+                    report = PassReport()
+                    await self._pass(group, report)
+                    report.next_due_at = await self.service.next_due_at()
+                    if self._stop.is_set():
+                        break
+                    await self.clock.sleep_until(report.next_due_at, self.service.wakeup)
+        except ExceptionGroup as failures:
+            raise _first(failures) from None
+        finally:
+            health.loop_running = False
+
+    async def run_once(self) -> PassReport:
+        """One pass, awaited to the end: lease the due tasks chunk by chunk (each chunk's
+        polls finish before the next is leased), expire, batch, poll, settle."""
+        self._check_open()
+        report = PassReport()
+        try:
+            while not self._stop.is_set():
+                async with asyncio.TaskGroup() as group:
+                    leased = await self._pass(group, report)
+                if leased < self.chunk:
+                    break
+        except ExceptionGroup as failures:
+            raise _first(failures) from None
+        report.next_due_at = await self.service.next_due_at()
+        return report
+
+    async def _pass(self, group: asyncio.TaskGroup, report: PassReport) -> int:
+        """Lease one chunk and start its work in `group`; returns how many were leased."""
+        now = self.clock.now()
+        leased = await self.service.lease_due(self.chunk, self.lease_seconds)
+        report.leased += len(leased)
+        self._record_lag(now, leased)
+        by_provider: dict[str, list[Task]] = {}
+        # Expiries and hand-backs are committed before the pass ends, so that the loop's
+        # next `next_due_at` already sees them; only the polls outlive the pass.
+        async with asyncio.TaskGroup() as writes:
+            for task in leased:
+                if now >= task.deadline_at:
+                    report.expired += 1
+                    writes.create_task(self.service.expire(task))
+                else:
+                    by_provider.setdefault(task.provider, []).append(task)
+            for name, tasks in by_provider.items():
+                self._dispatch(group, writes, name, tasks, now, report)
+        return len(leased)
+
+    def _record_lag(self, now: datetime, leased: Sequence[Task]) -> None:
+        due = [task.next_poll_at for task in leased if task.next_poll_at is not None]
+        lag = max(0.0, (now - min(due)).total_seconds()) if due else 0.0
+        self.service.health.lag_seconds = lag
+        self.service.metrics.lag.set(lag)
+
+    def _dispatch(
+        self,
+        group: asyncio.TaskGroup,
+        writes: asyncio.TaskGroup,
+        name: str,
+        tasks: list[Task],
+        now: datetime,
+        report: PassReport,
+    ) -> None:
+        """Start the batches the provider can take now in `group`; hand the rest back in
+        `writes`, due at the provider's projected slots."""
+        lane = self._lanes.get(name)
+        if lane is None:  # a provider dropped from the code but still in the database
+            logger.warning("no adapter for provider %r: %d task(s) held", name, len(tasks))
+            report.deferred += len(tasks)
+            writes.create_task(self.service.defer(tasks, after(now, PAUSE_SECONDS)))
+            return
+        held: list[list[Task]] = []
+        for batch in _batches(lane.provider, tasks):
+            # Once one batch must wait, the later ones wait behind it: due order is kept.
+            if not held and lane.limits.start(now):
+                report.batches += 1
+                report.dispatched += len(batch)
+                group.create_task(self._poll_batch(lane, batch, report))
+            else:
+                held.append(batch)
+        self._publish(lane, now)
+        # The n-th held batch is due when the provider is free and has had time for n more
+        # requests; never at `now` itself, so a provider whose connections are all busy is
+        # not asked again at once.
+        rate = lane.limits.bucket.rate
+        for position, batch in enumerate(held):
+            until = max(lane.limits.slot_at(now, position), after(now, (position + 1) / rate))
+            report.deferred += len(batch)
+            writes.create_task(self.service.defer(batch, until))
+
+    # --- one batch ---------------------------------------------------------------------
+
+    async def poll_task(self, task: Task) -> None:
+        """Poll one task now (`POST /tasks/…/poll`), within its provider's limits: it waits
+        for a token (by the clock) up to the request timeout, but not through a Retry-After,
+        an open breaker or a pause; then the task is left to its schedule."""
+        self._check_open()
+        lane = self._lanes.get(task.provider)
+        if lane is None or task.terminal:
+            return
+        limits = lane.limits
+        give_up = after(self.clock.now(), lane.provider.settings.request_timeout)
+        while not limits.start(self.clock.now(), need_room=False):
+            now = self.clock.now()
+            ready = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
+            if self._stop.is_set() or ready > give_up or limits.held_until(now) is not None:
+                logger.info("%s: not polled now, the provider is held", task.ref)
+                return
+            await self.clock.sleep_until(ready, self._stop)
+        await self._poll_batch(lane, [task], PassReport())
+
+    async def _poll_batch(self, lane: _Lane, tasks: list[Task], report: PassReport) -> None:
+        """One batch exchange (already `start`ed), then its results through the service."""
+        try:
+            await self._poll_and_settle(lane, tasks, report)
+        finally:
+            # The tasks' next polls may now be earlier than the time `run()` sleeps until
+            # (a backoff shorter than the lease): let it look again.
+            self.service.wakeup.set()
+
+    async def _poll_and_settle(self, lane: _Lane, tasks: list[Task], report: PassReport) -> None:
+        verdict = await self._exchange_batch(lane, tasks, report)
+        if verdict.results is not None:
+            await self._settle(lane, tasks, verdict.results, report)
+        elif verdict.error is not None:
+            report.backed_off += len(tasks)
+            await self.service.poll_failed(tasks, verdict.error, verdict.delay)
+        elif verdict.held_until is not None:
+            report.deferred += len(tasks)
+            await self.service.defer(tasks, verdict.held_until)
+        else:
+            report.abandoned += len(tasks)
+
+    async def _exchange_batch(self, lane: _Lane, tasks: list[Task], report: PassReport) -> _Verdict:
+        """Run the adapter's flow and classify how it ended; `limits.finish` is always
+        called, also when cancelled, so that no probe or concurrency slot leaks."""
+        name = lane.provider.name
+        outcome = Outcome.ABANDONED
+        retry_after: float | None = None
+        reason: str | None = None
+        verdict = _Verdict()
+        until: datetime | None = None
+        try:
+            try:
+                results = await self._exchange(lane, tasks, report)
+            except NotFound as error:
+                # Single-task adapters say "unknown task" for the whole exchange.
+                results = [PollResult(task.task_id, error=error) for task in tasks]
+            outcome = Outcome.SUCCESS
+            verdict = _Verdict(results=results)
+        except RateLimited as error:
+            outcome, retry_after = Outcome.RATE_LIMITED, error.retry_after
+            verdict = _Verdict(error=error)
+        except AuthRejected as error:
+            outcome, reason = Outcome.REJECTED, str(error)
+            verdict = _Verdict(error=error)
+        except ProviderError as error:
+            outcome = Outcome.FAILURE
+            logger.warning("%s: a poll of %d task(s) failed: %s", name, len(tasks), error)
+            delay = error.delay if isinstance(error, TemporaryError) else None
+            verdict = _Verdict(error=error, delay=delay)
+        except _Held as held:
+            verdict = _Verdict(held_until=held.until)
+        except _Abandoned:
+            pass
+        finally:
+            now = self.clock.now()
+            until = lane.limits.finish(now, outcome, retry_after=retry_after, reason=reason)
+            self._publish(lane, now)
+        if until is not None:
+            # The tasks of the exchange that hit the limit wait exactly as long as the
+            # provider does; the schedule's backoff would be a guess.
+            verdict.delay = (until - now).total_seconds()
+            if outcome is Outcome.RATE_LIMITED:
+                logger.warning("%s: rate limited, holding requests until %s", name, iso(until))
+            else:
+                logger.error(
+                    "%s: credentials rejected, paused until %s: %s", name, iso(until), reason
+                )
+        return verdict
+
+    async def _exchange(
+        self, lane: _Lane, tasks: list[Task], report: PassReport
+    ) -> list[PollResult]:
+        """Drive the sans-I/O flow: each request it yields is sent within the limits (the
+        first on the token `start` took), each response sent back in."""
+        flow = _start(lane.provider, tasks)
+        try:
+            step = _advance(lane.provider.name, flow, None)
+            first = True
+            while isinstance(step, httpx.Request):
+                if not first:
+                    await self._take_turn(lane)
+                first = False
+                response = await self._send(lane, step, report)
+                step = _advance(lane.provider.name, flow, response)
+            return step
+        finally:
+            flow.close()
+
+    async def _take_turn(self, lane: _Lane) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Abandoned()
+            now = self.clock.now()
+            stopped = lane.limits.stopped_until(now)
+            if stopped is not None:
+                raise _Held(stopped)
+            wait_until = lane.limits.take_turn(now)
+            if wait_until is None:
+                return
+            await self.clock.sleep_until(wait_until, self._stop)
+
+    async def _send(
+        self, lane: _Lane, request: httpx.Request, report: PassReport
+    ) -> httpx.Response:
+        provider = lane.provider
+        assert lane.client is not None, "the Reconciler is not open"
+        seconds = provider.settings.request_timeout
+        request.extensions["timeout"] = httpx.Timeout(seconds).as_dict()
+        metrics = self.service.metrics
+        async with lane.limits.semaphore:
+            started = time.perf_counter()
+            status = "error"
+            try:
+                async with asyncio.timeout(seconds):
+                    response = await lane.client.send(request, auth=lane.auth)
+                status = str(response.status_code)
+                return response
+            except (TimeoutError, httpx.TimeoutException):
+                status = "timeout"
+                raise Timeout(f"{provider.name}: no answer within {seconds:g} s") from None
+            except httpx.HTTPError as error:
+                # Connection refused, reset, protocol errors: the provider is not answering.
+                raise ServerError(f"{provider.name}: {type(error).__name__}: {error}") from None
+            finally:
+                # The path only: never headers (Authorization) in logs.
+                logger.debug(
+                    "%s %s %s -> %s", provider.name, request.method, request.url.path, status
+                )
+                report.requests[provider.name] += 1
+                metrics.provider_requests.labels(provider.name, status).inc()
+                metrics.provider_latency.labels(provider.name).observe(
+                    time.perf_counter() - started
+                )
+
+    async def _settle(
+        self, lane: _Lane, tasks: list[Task], results: list[PollResult], report: PassReport
+    ) -> None:
+        by_id = {result.task_id: result for result in results}
+        async with asyncio.TaskGroup() as group:  # concurrent, so the store commits them as one
+            for task in tasks:
+                result = by_id.get(task.task_id) or PollResult(
+                    task.task_id,
+                    error=BadPayload(f"{lane.provider.name}: the answer omits task {task.task_id}"),
+                )
+                group.create_task(self._settle_one(task, result, report))
+
+    async def _settle_one(self, task: Task, result: PollResult, report: PassReport) -> None:
+        try:
+            await self.service.settle_poll(task, result)
+        except StoreError:
+            raise
+        except Exception:
+            # A rule that chokes on one answer must not stop the loop, nor retry at once.
+            logger.exception("%s: applying its poll result failed", task.ref)
+            report.backed_off += 1
+            await self.service.poll_failed([task], ServerError("applying the poll result failed"))
+            return
+        report.settled += 1
+
+    def _publish(self, lane: _Lane, now: datetime) -> None:
+        """Mirror a provider's breaker and pause into health (/readyz) and metrics."""
+        name, limits, health = lane.provider.name, lane.limits, self.service.health
+        metrics = self.service.metrics
+        is_open = limits.breaker.state_at(now) is not BreakerState.CLOSED
+        if is_open:
+            health.breakers_open.add(name)
+        else:
+            health.breakers_open.discard(name)
+        metrics.breakers_open.labels(name).set(1 if is_open else 0)
+        if limits.paused is not None:
+            health.paused[name] = limits.paused
+        else:
+            health.paused.pop(name, None)
+        metrics.provider_paused.labels(name).set(1 if limits.paused is not None else 0)
+
+
+def _batches(provider: Provider, tasks: Sequence[Task]) -> list[list[Task]]:
+    """Tasks grouped by the adapter's batch key, cut to its batch size, in due order."""
+    groups: dict[Hashable, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(provider.batch_key(task), []).append(task)
+    size = max(1, provider.batch_size)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def _start(provider: Provider, tasks: Sequence[Task]) -> PollFlow:
+    try:
+        return provider.poll(tasks)
+    except ProviderError:
+        raise
+    except Exception as error:  # see `_advance`
+        logger.exception("%s: the adapter failed to start a poll", provider.name)
+        raise ServerError(
+            f"{provider.name}: the adapter failed ({type(error).__name__})"
+        ) from error
+
+
+def _advance(name: str, flow: PollFlow, response: httpx.Response | None) -> Step:
+    """The flow's next request, or its results when it is done."""
+    try:
+        return next(flow) if response is None else flow.send(response)
+    except StopIteration as done:
+        results: list[PollResult] = done.value
+        return results
+    except ProviderError:
+        raise
+    except Exception as error:
+        # An adapter bug or an answer it did not foresee: counted like an unreadable answer
+        # (backoff, breaker) instead of ending the loop.
+        logger.exception("%s: the adapter failed on an answer", name)
+        raise ServerError(f"{name}: the adapter failed ({type(error).__name__})") from error
+
+
+def _first(failures: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error inside (nested) task groups, to re-raise as itself."""
+    leaf: BaseException = failures
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    if len(failures.exceptions) > 1:
+        logger.error(
+            "%d errors in the reconciler pass; raising the first", len(failures.exceptions)
+        )
+    return leaf
+
+
+__all__ = ["PassReport", "Reconciler"]

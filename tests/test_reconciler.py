@@ -1,0 +1,550 @@
+"""The reconciler loop against the provider simulator, over real HTTP on 127.0.0.1.
+
+Time is one FakeClock shared by the simulator, the adapters, the service and the loop. Most
+tests drive the loop with `run_once()` and move the clock to the next due time themselves
+(`drive`), like a discrete-event simulation; one runs `run()` as a task and waits on the
+event feed. Callbacks, where a test wants them, go from the simulator to a small Starlette
+receiver that hands them to `service.ingest`. Nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from reconciler.clock import FakeClock
+from reconciler.config import Settings
+from reconciler.feed import Feed
+from reconciler.limits import BreakerState
+from reconciler.model import Source, Status, Task, TaskRef
+from reconciler.providers import PROVIDERS
+from reconciler.reconciler import PassReport, Reconciler
+from reconciler.service import NOT_FOUND_ERROR, Service
+from reconciler.simulator import Faults, RecordedRequest, Simulator
+from reconciler.store.sqlite import SQLiteStore
+
+FIRST_POLL_AFTER = 60.0
+
+
+class JumpingClock(FakeClock):
+    """A FakeClock whose `sleep_until(when)` moves time to `when` instead of waiting.
+
+    Under `run_once()` the only sleepers are the loop's own waits for a provider's token
+    within an exchange (e.g. Kling's query, then its list): jumping to the promised time is
+    what a discrete-event simulation does, and keeps the pass from waiting for a test that
+    is itself waiting for the pass.
+    """
+
+    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
+        if when is None or wake.is_set():
+            await super().sleep_until(when, wake)
+        elif when > self.now():
+            self.set(when)
+
+
+class Sink:
+    """The application's callback endpoint: every POST goes to `service.ingest`."""
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self.base = ""
+
+    def url(self, provider: str) -> str:
+        return f"{self.base}/callbacks/{provider}"
+
+    async def endpoint(self, request: Request) -> Response:
+        assert self.service is not None
+        provider = request.path_params["provider"]
+        await self.service.ingest(provider, dict(request.headers), await request.body())
+        return Response(status_code=200)
+
+
+@contextlib.asynccontextmanager
+async def serve_sink() -> AsyncIterator[Sink]:
+    sink = Sink()
+    app = Starlette(routes=[Route("/callbacks/{provider}", sink.endpoint, methods=["POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sink.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield sink
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+@dataclass
+class Harness:
+    clock: FakeClock
+    sim: Simulator
+    feed: Feed
+    store: SQLiteStore
+    service: Service
+    loop: Reconciler
+
+    async def task(self, provider: str, task_id: str) -> Task:
+        task = await self.service.get_task(TaskRef(provider, task_id))
+        assert task is not None
+        return task
+
+    async def tasks(self, refs: Iterable[tuple[str, str]]) -> list[Task]:
+        return [await self.task(provider, task_id) for provider, task_id in refs]
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    tmp_path: Path,
+    clock: FakeClock,
+    sim: Simulator,
+    env: dict[str, str] | None = None,
+    sink: Sink | None = None,
+    db: str = "db.sqlite",
+) -> AsyncIterator[Harness]:
+    environ = {
+        **sim.environ(),
+        "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path / db}",
+        "RECONCILER_FIRST_POLL_AFTER": str(FIRST_POLL_AFTER),
+        "RECONCILER_RATE_LIMIT": "20",
+        "RECONCILER_REQUEST_TIMEOUT": "5",
+        **(env or {}),
+    }
+    settings = Settings.from_environ(environ)
+    feed = Feed()
+    async with SQLiteStore(tmp_path / db, on_commit=feed.publish) as store:
+        feed.publish(await store.last_seq())
+        providers = {name: cls(settings.providers[name], clock) for name, cls in PROVIDERS.items()}
+        service = Service(settings, store, providers, clock, feed, rng=random.Random(0))
+        if sink is not None:
+            sink.service = service
+        async with Reconciler(service, providers, clock) as loop:
+            service.poller = loop.poll_task
+            yield Harness(clock, sim, feed, store, service, loop)
+
+
+async def drive(
+    h: Harness,
+    seconds: float,
+    done: Callable[[], Awaitable[bool]] | None = None,
+) -> list[PassReport]:
+    """Passes, each at the next time something is due (a poll or a simulator callback),
+    for at most `seconds` of fake time or until `done()`."""
+    end = h.clock.now() + timedelta(seconds=seconds)
+    reports = []
+    while True:
+        await h.sim.deliver_due()
+        reports.append(await h.loop.run_once())
+        if done is not None and await done():
+            return reports
+        candidates = [reports[-1].next_due_at, h.sim.world.next_due_at()]
+        upcoming = min((t for t in candidates if t is not None), default=None)
+        if upcoming is None or upcoming > end:
+            return reports
+        if upcoming > h.clock.now():
+            h.clock.set(upcoming)
+
+
+def all_terminal(h: Harness, refs: list[tuple[str, str]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return all(task.terminal for task in await h.tasks(refs))
+
+    return check
+
+
+def requests_of(sim: Simulator, provider: str) -> list[RecordedRequest]:
+    return [r for r in sim.requests if r.provider == provider and r.kind != "create"]
+
+
+@pytest.fixture
+def clock() -> JumpingClock:
+    return JumpingClock()
+
+
+@pytest.fixture
+async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
+    async with Simulator(clock=clock, seed=3).serve() as served:
+        yield served
+
+
+async def register(h: Harness, provider: str, task_id: str, action: str) -> tuple[str, str]:
+    await h.service.register(provider, task_id, action)
+    return provider, task_id
+
+
+# --- recovery by polling -----------------------------------------------------------------
+
+
+async def test_lost_callbacks_are_recovered_by_polling(
+    tmp_path: Path, clock: FakeClock, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="reconciler")
+    sim.faults = Faults(drop=1.0)
+    plan = [
+        ("kling", "text2video", "completed", 40),
+        ("kling", "text2video", "failed", 150),
+        ("kling", "image2video", "completed", 400),
+        ("cometapi", "text2video", "completed", 90),
+        ("cometapi", "text2video", "failed", 30),
+        ("gateway", "text2video", "completed", 200),
+        ("gateway", "image2video", "failed", 45),
+        ("acedata", "text2video", "completed", 30),
+        ("acedata", "text2video", "failed", 300),
+        ("acedata", "image2video", "completed", 75),
+        ("kie", "jobs", "completed", 50),
+        ("kie", "veo", "completed", 120),
+        ("kie", "jobs", "failed", 20),
+    ]
+    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+        refs = []
+        for provider, action, outcome, finish_after in plan:
+            created = sim.create_task(
+                provider,
+                action=action,
+                callback_url=sink.url(provider),
+                outcome=outcome,  # type: ignore[arg-type]
+                finish_after=finish_after,
+            )
+            refs.append(await register(h, provider, created.task_id, action))
+
+        await drive(h, 3600, all_terminal(h, refs))
+
+        assert sim.callbacks_sent and all(c.dropped for c in sim.callbacks_sent)
+        for task in await h.tasks(refs):
+            assert task.status.value == sim.truth(task.provider, task.task_id), task
+            assert task.source is Source.POLL and task.callbacks == 0
+            if task.status is Status.COMPLETED:
+                assert task.videos and task.videos[0].url.startswith("https://")
+            else:
+                assert task.error
+        # Recovered soon after the end, not at the backoff cap: at most a few polls each.
+        assert len(sim.requests) < 4 * len(plan)
+        # Every request was logged (path only), and no credential ever was.
+        assert "acedata POST /acedata/kling/tasks -> 200" in caplog.text
+        secrets = [v for k, v in sim.environ().items() if k.endswith(("_KEY", "_TOKEN"))]
+        assert secrets and not any(secret in caplog.text for secret in secrets)
+        assert "Bearer" not in caplog.text and "eyJ" not in caplog.text  # no JWT either
+
+
+async def test_a_callback_before_the_first_due_poll_means_no_poll(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+        refs = []
+        for provider, action in [
+            ("kling", "text2video"),
+            ("acedata", "text2video"),
+            ("kie", "jobs"),
+        ]:
+            created = sim.create_task(
+                provider, action=action, callback_url=sink.url(provider), finish_after=20
+            )
+            refs.append(await register(h, provider, created.task_id, action))
+
+        await drive(h, 3600)
+
+        assert requests_of(sim, "kling") == requests_of(sim, "acedata") == []
+        assert requests_of(sim, "kie") == []
+        for task in await h.tasks(refs):
+            assert task.status is Status.COMPLETED and task.source is Source.WEBHOOK
+            assert task.polls == 0 and task.next_poll_at is None
+
+
+async def test_due_tasks_are_batched(tmp_path: Path, clock: FakeClock, sim: Simulator) -> None:
+    async with harness(tmp_path, clock, sim) as h:
+        refs = []
+        for provider, action, count in [
+            ("acedata", "text2video", 15),
+            ("acedata", "image2video", 5),
+            ("kling", "text2video", 12),
+            ("kling", "image2video", 3),
+        ]:
+            for _ in range(count):
+                created = sim.create_task(provider, action=action, finish_after=30)
+                refs.append(await register(h, provider, created.task_id, action))
+
+        clock.advance(FIRST_POLL_AFTER)
+        # Kling's second list waits one token (1/rate s) behind the first: two passes.
+        reports = await drive(h, 1, all_terminal(h, refs))
+
+        assert len(reports) == 2 and sum(r.settled for r in reports) == len(refs) == 35
+        assert sum(r.batches for r in reports) == 3
+        acedata = requests_of(sim, "acedata")
+        assert [r.kind for r in acedata] == ["batch"]  # one retrieve_batch for both actions
+        assert len(acedata[0].task_ids) == 20
+        kling = requests_of(sim, "kling")
+        assert sorted(r.path.rsplit("/", 1)[-1] for r in kling) == ["image2video", "text2video"]
+        assert {r.kind for r in kling} == {"list"}
+        assert sum(r.provider_requests for r in reports) == 3
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
+
+
+async def test_poll_now_goes_through_the_loop(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("acedata", finish_after=30)
+        ref = await register(h, "acedata", created.task_id, "text2video")
+        clock.advance(10)  # not due yet: the API asks for it
+
+        task = await h.service.poll_now(TaskRef(*ref))
+
+        assert task.polls == 1 and task.source is Source.POLL
+        assert task.status is Status.PROCESSING and not task.terminal
+        assert [r.kind for r in requests_of(sim, "acedata")] == ["query"]
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+async def test_a_429_storm_respects_the_rate_and_retry_after(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    rate, retry_after = 2.0, 3.0
+    sim.faults = Faults(providers={"kie": Faults(rate_limit=0.4, retry_after=retry_after)})
+    env = {"KIE_RATE_LIMIT": str(rate)}
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        refs = []
+        for index in range(12):
+            created = sim.create_task("kie", action="jobs", finish_after=20 + index)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+
+        await drive(h, 3600, all_terminal(h, refs))
+
+        for task in await h.tasks(refs):
+            assert task.status.value == sim.truth("kie", task.task_id)
+        sent = requests_of(sim, "kie")
+        limited = [r for r in sent if r.status == 429]
+        assert limited, "the storm never happened"
+        for index, request in enumerate(sent):
+            window = [r for r in sent if request.at <= r.at < request.at + timedelta(seconds=1)]
+            assert len(window) <= math.ceil(rate)
+            if request.status == 429:
+                resume = request.at + timedelta(seconds=retry_after)
+                assert all(later.at >= resume for later in sent[index + 1 :])
+
+
+async def test_a_failing_provider_opens_its_breaker_without_delaying_others(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    sim.faults = Faults(providers={"kie": Faults(server_error=1.0)})
+    async with harness(tmp_path, clock, sim) as h:
+        start = clock.now()
+        broken, healthy = [], []
+        for _ in range(4):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            broken.append(await register(h, "kie", created.task_id, "jobs"))
+            created = sim.create_task("cometapi", action="text2video", finish_after=30)
+            healthy.append(await register(h, "cometapi", created.task_id, "text2video"))
+
+        await drive(h, 900)
+
+        limits = h.loop.limits["kie"]
+        assert limits.breaker.state_at(clock.now()) is not BreakerState.CLOSED
+        assert "kie" in h.service.health.breakers_open
+        assert "cometapi" not in h.service.health.breakers_open
+        kie = requests_of(sim, "kie")
+        assert all(r.status == 500 for r in kie)
+        # Five failures open it; then only a probe per cool-down (30, 60, 120, 240 s …).
+        assert 5 <= len(kie) <= 10
+        for task in await h.tasks(broken):
+            assert not task.terminal and task.poll_failures > 0
+        # The healthy provider was polled when due, every task once, paced at its rate.
+        due = start + timedelta(seconds=FIRST_POLL_AFTER)
+        comet = requests_of(sim, "cometapi")
+        assert len(comet) == len(healthy)
+        assert all(due <= r.at < due + timedelta(seconds=1) for r in comet)
+        for task in await h.tasks(healthy):
+            assert task.status is Status.COMPLETED and task.polls == 1
+
+
+async def test_rejected_credentials_pause_the_provider_and_show_on_health(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    env = {"ACEDATA_API_TOKEN": "wrong-token"}
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        created = sim.create_task("acedata", finish_after=30)
+        ref = await register(h, "acedata", created.task_id, "text2video")
+        other = sim.create_task("kie", action="jobs", finish_after=30)
+        kie_ref = await register(h, "kie", other.task_id, "jobs")
+
+        clock.advance(FIRST_POLL_AFTER)
+        await h.loop.run_once()
+
+        assert "acedata" in h.service.health.paused
+        assert "wrong-token" not in h.service.health.paused["acedata"]
+        assert any("credentials rejected" in why for why in await h.service.readiness())
+        assert (await h.task(*kie_ref)).status is Status.COMPLETED
+        task = await h.task(*ref)
+        assert not task.terminal
+        assert task.next_poll_at == h.loop.limits["acedata"].paused_until
+
+        await drive(h, 200)  # paused: nothing more is sent to it
+        assert len(requests_of(sim, "acedata")) == 1
+
+
+# --- giving up ---------------------------------------------------------------------------
+
+
+async def test_a_task_past_its_deadline_expires(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=10_000)
+        await h.service.register("kie", created.task_id, "jobs", deadline_seconds=300)
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("kie", created.task_id)
+        assert task.status is Status.EXPIRED and task.source is Source.RECONCILER
+        assert sum(r.expired for r in reports) == 1
+        assert task.completed_at == task.deadline_at
+
+
+async def test_a_task_never_found_fails(tmp_path: Path, clock: FakeClock, sim: Simulator) -> None:
+    env = {"RECONCILER_NOT_FOUND_GRACE": "300"}
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        refs = [
+            await register(h, "acedata", "8d9c2f52-0c1e-4b6f-9a51-2f6d0e4b7c11", "text2video"),
+            await register(h, "kling", "999999999999999999", "text2video"),
+            await register(h, "cometapi", "888888888888888888", "text2video"),
+            await register(h, "kie", "0123456789abcdef0123456789abcdef", "jobs"),
+        ]
+
+        await drive(h, 1000, all_terminal(h, refs))
+
+        for task in await h.tasks(refs):
+            assert task.status is Status.FAILED and task.error == NOT_FOUND_ERROR, task
+            # Retried within the grace, then failed at its end.
+            assert task.polls >= 2
+            assert task.completed_at is not None
+            grace_end = task.created_at + timedelta(seconds=300)
+            assert grace_end <= task.completed_at < grace_end + timedelta(seconds=5)
+
+
+# --- restarts and the real loop ----------------------------------------------------------
+
+
+async def test_a_restart_loses_no_schedule(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    sim.faults = Faults(drop=1.0)
+    refs: list[tuple[str, str]] = []
+    async with harness(tmp_path, clock, sim) as h:
+        for provider, action, finish_after in [
+            ("acedata", "text2video", 100),
+            ("acedata", "text2video", 400),
+            ("kie", "jobs", 90),
+            ("kie", "veo", 250),
+            ("cometapi", "text2video", 500),
+        ]:
+            created = sim.create_task(provider, action=action, finish_after=finish_after)
+            refs.append(await register(h, provider, created.task_id, action))
+        await drive(h, 70)  # the first polls happened; nothing is finished yet
+        assert not any(task.terminal for task in await h.tasks(refs))
+        # A pass leases what is due, then the process dies before polling it.
+        next_due = await h.service.next_due_at()
+        assert next_due is not None
+        clock.set(next_due)
+        crashed = await h.service.lease_due(100, h.loop.lease_seconds)
+        assert crashed
+        schedule = {(t.provider, t.task_id): t.next_poll_at for t in await h.tasks(refs)}
+        sent_before = len(sim.requests)
+
+    async with harness(tmp_path, clock, sim) as h:
+        after_restart = {(t.provider, t.task_id): t.next_poll_at for t in await h.tasks(refs)}
+        assert after_restart == schedule
+        # The database keeps milliseconds.
+        lease_end = clock.now() + timedelta(seconds=h.loop.lease_seconds)
+        lease_end -= timedelta(microseconds=lease_end.microsecond % 1000)
+        for task in crashed:
+            assert schedule[task.provider, task.task_id] == lease_end
+
+        await drive(h, 3600, all_terminal(h, refs))
+
+        for task in await h.tasks(refs):
+            assert task.status.value == sim.truth(task.provider, task.task_id)
+        crashed_ids = {task.task_id for task in crashed}
+        for request in sim.requests[sent_before:]:
+            if crashed_ids & set(request.task_ids):
+                assert request.at >= lease_end  # retried when the lease ended, not lost
+
+
+async def test_run_sleeps_until_due_and_stops_cleanly(tmp_path: Path) -> None:
+    clock = FakeClock()  # a plain one: `run()` really sleeps on it until the test moves it
+    async with Simulator(clock=clock, seed=2).serve() as sim, harness(tmp_path, clock, sim) as h:
+        running = asyncio.create_task(h.loop.run())
+        refs = []
+        for provider, action in [("acedata", "text2video")] * 3 + [("kling", "text2video")] * 3:
+            created = sim.create_task(provider, action=action, finish_after=30)
+            refs.append(await register(h, provider, created.task_id, action))
+        try:
+            clock.advance(FIRST_POLL_AFTER)  # wakes the loop's sleep: everything is due
+            async with asyncio.timeout(10):
+                while True:
+                    seen = h.feed.last_seq
+                    if all(task.terminal for task in await h.tasks(refs)):
+                        break
+                    await h.feed.wait(seen, 10)
+            assert h.service.health.loop_running
+            assert [r.kind for r in requests_of(sim, "acedata")] == ["batch"]
+            assert [r.kind for r in requests_of(sim, "kling")] == ["list"]
+            assert all(r.at == clock.now() for r in sim.requests if r.kind != "create")
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+        assert not h.service.health.loop_running
+
+
+class WatchedClock(FakeClock):
+    """A FakeClock that tells when someone starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
+        self.waiting.set()
+        await super().sleep_until(when, wake)
+
+
+async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None:
+    clock = WatchedClock()
+    async with Simulator(clock=clock, seed=1).serve() as sim:
+        # One token per 100 s: Kling's list request after the failed direct query must wait.
+        async with harness(tmp_path, clock, sim, env={"KLING_RATE_LIMIT": "0.01"}) as h:
+            ref = await register(h, "kling", "777777777777777777", "text2video")
+            clock.advance(FIRST_POLL_AFTER)
+            leased_at = clock.now()
+            passing = asyncio.create_task(h.loop.run_once())
+            async with asyncio.timeout(10):
+                await clock.waiting.wait()
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                report = await passing
+
+        assert report.abandoned == 1 and report.settled == 0
+        assert [r.kind for r in requests_of(sim, "kling")] == ["query"]
+        async with harness(tmp_path, clock, sim) as restarted:
+            task = await restarted.task(*ref)
+            # Untouched but for the lease: the next start polls it when the lease ends.
+            assert task.polls == 0
+            assert task.next_poll_at == leased_at + timedelta(seconds=h.loop.lease_seconds)
