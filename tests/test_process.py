@@ -184,3 +184,71 @@ async def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_tail_follow_reads_the_stream(
+    server: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    _, url = server
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "reconciler",
+        "tail",
+        "--follow",
+        "--url",
+        url,
+        env=_clean_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url) as client:
+            await client.post("/tasks", json={"provider": "kie", "task_id": "f-1"})
+            assert tail.stdout is not None
+            async with asyncio.timeout(TIMEOUT):
+                first = json.loads(await tail.stdout.readline())
+            assert (first["seq"], first["task_id"]) == (1, "f-1")
+            await client.post(
+                "/callbacks/kie?token=tok-secret-1",
+                json={"code": 200, "msg": "ok", "data": {"taskId": "f-1", "state": "generating"}},
+            )
+            async with asyncio.timeout(TIMEOUT):
+                second = json.loads(await tail.stdout.readline())
+            assert (second["seq"], second["type"]) == (2, "task.processing")
+    finally:
+        tail.kill()
+        await tail.wait()
+
+
+def test_replay_reports_what_it_re_applied(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "replay.db"
+    env = {"RECONCILER_DATABASE_URL": f"sqlite:///{path}"}
+    assert run("migrate", env=env).returncode == 0
+    bodies = [
+        b'{"task_id": "r-1", "task_status": "succeed", "task_result": {"videos": '
+        b'[{"url": "https://cdn.example/r.mp4"}]}}',
+        b"not json",
+    ]
+    with sqlite3.connect(path) as db:  # as if an older version had refused both
+        for number, body in enumerate(bodies, start=1):
+            db.execute(
+                "INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, "
+                "outcome, error) VALUES (?, 'kling', 0, '{}', ?, ?, 'rejected', 'old bug')",
+                (number, body, hashlib.sha256(body).hexdigest()),
+            )
+    result = run("replay", "--failed", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "delivery 1: applied",
+        "delivery 2: rejected (invalid_json: the body is not valid UTF-8 JSON: "
+        "Expecting value: line 1 column 1 (char 0))",
+    ]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT status FROM tasks").fetchall() == [("completed",)]
+        assert db.execute("SELECT outcome FROM deliveries ORDER BY id").fetchall() == [
+            ("applied",),
+            ("rejected",),
+        ]
