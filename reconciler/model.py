@@ -52,11 +52,11 @@ class Source(enum.StrEnum):
 
 
 def iso(moment: datetime | None) -> str | None:
-    """RFC 3339 UTC with a `Z`, milliseconds kept."""
+    """RFC 3339 UTC with a `Z`, to the microsecond: a stored task's times read back exactly,
+    so a list cursor built from them matches the indexed column."""
     if moment is None:
         return None
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_iso(text: str | None) -> datetime | None:

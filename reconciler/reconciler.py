@@ -47,6 +47,10 @@ from reconciler.service import Service
 
 logger = logging.getLogger(__name__)
 
+# Batches a provider can take within this many seconds wait for their turn in memory;
+# later ones are handed back to the database, due at their slot.
+WAIT_HORIZON_SECONDS = 1.0
+
 Step = httpx.Request | list[PollResult]
 
 
@@ -125,6 +129,9 @@ class Reconciler:
         self._opened = False
         self._closed = False
         self._stop = asyncio.Event()
+        # Set by `run()`: batches due within the horizon wait for their slot in memory.
+        # `run_once()` does only what is due at its `now`, and hands the rest back.
+        self._wait_in_memory = False
 
     @property
     def limits(self) -> Mapping[str, ProviderLimits]:
@@ -195,6 +202,7 @@ class Reconciler:
         self._check_open()
         health = self.service.health
         health.loop_running = True
+        self._wait_in_memory = True
         try:
             async with asyncio.TaskGroup() as group:
                 while not self._stop.is_set():
@@ -210,6 +218,7 @@ class Reconciler:
             raise _first(failures) from None
         finally:
             health.loop_running = False
+            self._wait_in_memory = False
 
     async def run_once(self) -> PassReport:
         """One pass, awaited to the end: lease the due tasks chunk by chunk (each chunk's
@@ -282,12 +291,43 @@ class Reconciler:
         self._publish(lane, now)
         # The n-th held batch is due when the provider is free and has had time for n more
         # requests; never at `now` itself, so a provider whose connections are all busy is
-        # not asked again at once.
+        # not asked again at once. Batches due within the horizon wait for their slot in
+        # memory (the lease covers them); handing them back would cost a write and a pass
+        # each, which is what capped a fast provider at one batch per pass.
         rate = lane.limits.bucket.rate
+        horizon = after(now, WAIT_HORIZON_SECONDS)
         for position, batch in enumerate(held):
             until = max(lane.limits.slot_at(now, position), after(now, (position + 1) / rate))
-            report.deferred += len(batch)
-            writes.create_task(self.service.defer(batch, until))
+            if self._wait_in_memory and until <= horizon and lane.limits.held_until(now) is None:
+                group.create_task(self._poll_at(lane, batch, until, report))
+            else:
+                report.deferred += len(batch)
+                writes.create_task(self.service.defer(batch, until))
+
+    async def _poll_at(
+        self, lane: _Lane, batch: list[Task], when: datetime, report: PassReport
+    ) -> None:
+        """Start `batch` at its slot `when` (or as soon after as the provider allows, within
+        the horizon); hand it back if the provider is held meanwhile. On shutdown the batch
+        stays leased and is retried when the lease ends."""
+        limits = lane.limits
+        give_up = after(self.clock.now(), WAIT_HORIZON_SECONDS)
+        while True:
+            await self.clock.sleep_until(when, self._stop)
+            if self._stop.is_set():
+                report.abandoned += len(batch)
+                return
+            now = self.clock.now()
+            if limits.start(now):
+                break
+            when = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
+            if when > give_up or limits.held_until(now) is not None:
+                report.deferred += len(batch)
+                await self.service.defer(batch, when)
+                return
+        report.batches += 1
+        report.dispatched += len(batch)
+        await self._poll_batch(lane, batch, report)
 
     # --- one batch ---------------------------------------------------------------------
 

@@ -471,9 +471,7 @@ async def test_a_restart_loses_no_schedule(
     async with harness(tmp_path, clock, sim) as h:
         after_restart = {(t.provider, t.task_id): t.next_poll_at for t in await h.tasks(refs)}
         assert after_restart == schedule
-        # The database keeps milliseconds.
         lease_end = clock.now() + timedelta(seconds=h.loop.lease_seconds)
-        lease_end -= timedelta(microseconds=lease_end.microsecond % 1000)
         for task in crashed:
             assert schedule[task.provider, task.task_id] == lease_end
 
@@ -512,6 +510,43 @@ async def test_run_sleeps_until_due_and_stops_cleanly(tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 await running
         assert not h.service.health.loop_running
+
+
+async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) -> None:
+    """Ten single-task batches of one provider due at once: `run()` leases them in one pass
+    and sends them one token apart, none handed back to the database (which had capped a
+    fast provider at one batch per pass)."""
+    clock = WatchedClock()
+    async with (
+        Simulator(clock=clock, seed=3).serve() as sim,
+        harness(tmp_path, clock, sim, env={"KIE_RATE_LIMIT": "10"}) as h,
+    ):
+        refs = []
+        for _ in range(10):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(FIRST_POLL_AFTER)
+            start = clock.now()
+            async with asyncio.timeout(20):
+                while not all(task.terminal for task in await h.tasks(refs)):
+                    # Move time on only once the loop waits for its next token.
+                    clock.waiting.clear()
+                    await clock.waiting.wait()
+                    clock.advance(0.1)
+            sent = requests_of(sim, "kie")
+            assert len(sent) == 10
+            assert all(task.polls == 1 for task in await h.tasks(refs))
+            times = sorted(r.at for r in sent)
+            # Ten tokens at 10/s span 0.9 s (less one clock step a request may spend in
+            # flight while time moves), and all went in one go, not pass by pass.
+            assert (times[-1] - times[0]).total_seconds() >= 0.8
+            assert (times[-1] - start).total_seconds() < 1.5
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
 
 
 class WatchedClock(FakeClock):

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 1024
 KEYS_PER_QUERY = 400  # (provider, task_id) pairs per IN (...) lookup
 CHECKPOINT_EVERY = 256  # commits
+WAL_RESET_PAGES = 16_384  # 64 MiB of 4 KiB pages
 
 _UPSERT_TASK = """
 INSERT INTO tasks (provider, task_id, status, source, external_task_id, created_at,
@@ -186,8 +187,12 @@ class SQLiteStore:
         *,
         readers: int = 2,
         on_commit: Callable[[int], None] | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        wal_reset_pages: int = WAL_RESET_PAGES,
     ) -> None:
         self.path = Path(path)
+        self.checkpoint_every = checkpoint_every
+        self.wal_reset_pages = wal_reset_pages
         self._reader_count = readers
         self._on_commit = on_commit
         self._writer: aiosqlite.Connection | None = None
@@ -197,6 +202,7 @@ class SQLiteStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._checkpoint_wanted = asyncio.Event()
+        self._reset_wal = False
         self._closing = False
         self._opened = False
         self._next_seq = 1
@@ -215,6 +221,7 @@ class SQLiteStore:
             await self._writer.executescript(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
                 "PRAGMA wal_autocheckpoint=0; PRAGMA foreign_keys=OFF;"
+                f"PRAGMA journal_size_limit={self.wal_reset_pages * 4096};"
             )
             await migrate(self._writer)
             async with self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM events") as cur:
@@ -311,6 +318,16 @@ class SQLiteStore:
                     ops.append(op)
             if ops:
                 await self._run(ops)
+            if self._reset_wal:
+                self._reset_wal = False
+                await self._truncate_wal()
+
+    async def _truncate_wal(self) -> None:
+        assert self._writer is not None
+        try:
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception:
+            logger.exception("resetting the WAL failed")
 
     async def _run(self, ops: list[_Op]) -> None:
         seq_before = self._next_seq
@@ -328,7 +345,7 @@ class SQLiteStore:
         self.stats.commits += 1
         self.stats.operations += len(ops)
         self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
-        if self.stats.commits % CHECKPOINT_EVERY == 0:
+        if self.stats.commits % self.checkpoint_every == 0:
             self._checkpoint_wanted.set()
         if self._on_commit is not None and self._next_seq > seq_before:
             self._on_commit(self._next_seq - 1)
@@ -644,10 +661,17 @@ class SQLiteStore:
             self._checkpoint_wanted.clear()
             started = time.perf_counter()
             try:
-                await connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                rows = await connection.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             except Exception:
                 logger.exception("WAL checkpoint failed")
+                continue
             logger.debug("checkpoint took %.1f ms", (time.perf_counter() - started) * 1000)
+            # Under steady writes a passive checkpoint never catches up with the end of the
+            # WAL, so the file is never reset and grows without bound. Past a size, the
+            # writer resets it between two batches (cheap: the pages are already copied).
+            wal_pages = next(iter(rows))[1] if rows else 0
+            if wal_pages >= self.wal_reset_pages:
+                self._reset_wal = True
 
 
 async def migrate(db: aiosqlite.Connection) -> list[str]:

@@ -158,3 +158,15 @@ async def test_list_tasks_pages_newest_first(store: SQLiteStore) -> None:
         limit=3, before=(last.created_at.timestamp(), last.provider, last.task_id)
     )
     assert [t.task_id for t in rest] == ["t1", "t0"]
+
+
+async def test_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with SQLiteStore(path, checkpoint_every=8, wal_reset_pages=64) as store:
+        for n in range(600):
+            ref = TaskRef("kling", f"w{n}")
+            await store.apply([ref], creating(ref))
+        wal = Path(f"{path}-wal")
+        # Unchecked, 600 commits of a task and an event leave well over 1,000 pages.
+        assert wal.stat().st_size < 400 * 4096, wal.stat().st_size
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone() == (600,)
