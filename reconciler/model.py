@@ -56,7 +56,10 @@ def iso(moment: datetime | None) -> str | None:
     so a list cursor built from them matches the indexed column."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    moment = moment.astimezone(UTC)
+    if moment.microsecond % 1000 == 0:  # milliseconds, as most providers and clients use
+        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_iso(text: str | None) -> datetime | None:

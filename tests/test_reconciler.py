@@ -531,10 +531,11 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
             start = clock.now()
             async with asyncio.timeout(20):
                 while not all(task.terminal for task in await h.tasks(refs)):
-                    # Move time on only once the loop waits for its next token.
+                    # Move time on, then let the loop settle into its next wait (each poll
+                    # it settles wakes it, so progress always ends in a new wait).
                     clock.waiting.clear()
-                    await clock.waiting.wait()
                     clock.advance(0.1)
+                    await clock.waiting.wait()
             sent = requests_of(sim, "kie")
             assert len(sent) == 10
             assert all(task.polls == 1 for task in await h.tasks(refs))

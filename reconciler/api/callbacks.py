@@ -39,15 +39,12 @@ async def receive_callback(request: Request) -> Response:
         return error_response(
             400, result.error.code, result.error.message, delivery_id=result.delivery_id
         )
-    payload = {
-        "delivery_id": result.delivery_id,
-        "duplicate": result.duplicate,
-        "task": result.task.to_json() if result.task is not None else None,
-    }
-    return Response(
-        json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
-        media_type="application/json",
-    )
+    task = result.task_json
+    if task is None:
+        task = "null" if result.task is None else json.dumps(result.task.to_json())
+    duplicate = "true" if result.duplicate else "false"
+    answer = f'{{"delivery_id":{result.delivery_id},"duplicate":{duplicate},"task":{task}}}'
+    return Response(answer.encode(), media_type="application/json")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

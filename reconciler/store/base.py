@@ -26,7 +26,6 @@ from typing import Any, Protocol
 from reconciler.model import (
     Change,
     Delivery,
-    Event,
     EventType,
     Outcome,
     Source,
@@ -75,6 +74,7 @@ class IngestResult:
     outcome: Outcome
     task: Task | None = None
     error: Rejected | None = None
+    task_json: str | None = None  # `task` already encoded, when the batch encoded it
 
     @property
     def duplicate(self) -> bool:
@@ -166,16 +166,23 @@ def from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def task_to_json(task: Task) -> str:
-    data = task.to_json()
-    data["internal"] = {
+def public_json(task: Task) -> str:
+    """The task object of SPEC §2 as JSON text: encoded once per change, then spliced into
+    the stored row, the event and the webhook's answer."""
+    return dumps(task.to_json())
+
+
+def task_to_json(task: Task, public: str | None = None) -> str:
+    """The stored form: the public object plus the bookkeeping readers never see."""
+    internal = {
         "provider_updated_at": iso(task.provider_updated_at),
         "poll_failures": task.poll_failures,
         "result_missing_since": iso(task.result_missing_since),
         "progress_event_at": iso(task.progress_event_at),
         "conflicts": task.conflicts,
     }
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    public = public or public_json(task)
+    return f'{public[:-1]},"internal":{dumps(internal)}}}'
 
 
 def task_from_json(text: str) -> Task:
@@ -214,23 +221,26 @@ def task_from_json(text: str) -> Task:
     )
 
 
-def event_json(seq: int, change: Change, delivery_id: int | None, at: datetime) -> Event:
+def event_json(
+    seq: int, change: Change, delivery_id: int | None, at: datetime, task_json: str
+) -> str:
+    """The event object of SPEC §2 as JSON text, with the task's JSON spliced in."""
     assert change.event is not None
     task = change.task
-    return Event(
-        seq=seq,
-        type=change.event,
-        provider=task.provider,
-        task_id=task.task_id,
+    head = {
+        "seq": seq,
+        "type": change.event.value,
+        "provider": task.provider,
+        "task_id": task.task_id,
         # A late registration of a settled task keeps the task's source; its event is
         # still the registration's.
-        source=Source.REGISTER if change.event is EventType.REGISTERED else task.source,
-        status=task.status,
-        previous_status=change.previous_status,
-        delivery_id=delivery_id,
-        at=at,
-        task=task.to_json(),
-    )
+        "source": (Source.REGISTER if change.event is EventType.REGISTERED else task.source).value,
+        "status": task.status.value,
+        "previous_status": change.previous_status.value if change.previous_status else None,
+        "delivery_id": delivery_id,
+        "at": iso(at),
+    }
+    return f'{dumps(head)[:-1]},"task":{task_json}}}'
 
 
 def dumps(data: object) -> str:

@@ -24,8 +24,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,6 +52,7 @@ from reconciler.store.base import (
     epoch,
     event_json,
     from_epoch,
+    public_json,
     task_from_json,
     task_to_json,
 )
@@ -146,6 +149,13 @@ class _Batch:
         self.events: list[tuple[Any, ...]] = []
         self.deliveries: list[tuple[Any, ...]] = []
         self.delivery_updates: list[tuple[Any, ...]] = []
+        self.public: dict[TaskRef, str] = {}  # each dirty task's JSON, encoded once
+
+    def json_of(self, task: Task | None) -> str | None:
+        """The JSON text encoded for `task` in this batch, if it is the latest version."""
+        if task is None or self.tasks.get(task.ref) is not task:
+            return None
+        return self.public.get(task.ref)
 
     def pick(self, candidates: Sequence[TaskRef]) -> tuple[TaskRef, Task | None]:
         for ref in candidates:
@@ -161,23 +171,25 @@ class _Batch:
         change = decide(task)
         if change is None:
             return task, None, None
-        self.tasks[change.task.ref] = change.task
-        self.dirty[change.task.ref] = change.task
+        updated = change.task
+        self.tasks[updated.ref] = updated
+        self.dirty[updated.ref] = updated
+        self.public[updated.ref] = public = public_json(updated)
         seq = None
         if change.event is not None:
             seq = self.store._take_seq()
-            event = event_json(seq, change, delivery_id, change.task.updated_at)
+            body = event_json(seq, change, delivery_id, updated.updated_at, public)
             self.events.append(
                 (
                     seq,
-                    event.provider,
-                    event.task_id,
-                    event.type.value,
-                    epoch(event.at),
-                    dumps(event.to_json()),
+                    updated.provider,
+                    updated.task_id,
+                    change.event.value,
+                    epoch(updated.updated_at),
+                    body,
                 )
             )
-        return change.task, change, seq
+        return updated, change, seq
 
 
 class SQLiteStore:
@@ -195,7 +207,8 @@ class SQLiteStore:
         self.wal_reset_pages = wal_reset_pages
         self._reader_count = readers
         self._on_commit = on_commit
-        self._writer: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # the writer's, on its own thread
+        self._executor: ThreadPoolExecutor | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
@@ -217,19 +230,17 @@ class SQLiteStore:
         self._opened = True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._writer.executescript(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;"
-                "PRAGMA wal_autocheckpoint=0; PRAGMA foreign_keys=OFF;"
-                f"PRAGMA journal_size_limit={self.wal_reset_pages * 4096};"
-            )
-            await migrate(self._writer)
-            async with self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM events") as cur:
-                row = await cur.fetchone()
-                self._next_seq = (row[0] if row else 0) + 1
-            async with self._writer.execute("SELECT COALESCE(MAX(id), 0) FROM deliveries") as cur:
-                row = await cur.fetchone()
-                self._next_delivery_id = (row[0] if row else 0) + 1
+            setup = await aiosqlite.connect(self.path, isolation_level=None)
+            try:
+                await setup.executescript("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")
+                await migrate(setup)
+                rows = await setup.execute_fetchall(_NEXT_IDS)
+                self._next_seq = next(iter(rows))[0] + 1
+            finally:
+                await setup.close()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            loop = asyncio.get_running_loop()
+            self._db = await loop.run_in_executor(self._executor, self._connect_writer)
             for _ in range(self._reader_count + 1):  # the last one checkpoints
                 reader = await aiosqlite.connect(self.path, isolation_level=None)
                 await reader.executescript("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")
@@ -242,6 +253,16 @@ class SQLiteStore:
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
         return self
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        # Used only on the writer thread; check_same_thread=False because it is created by
+        # that thread's executor job and later jobs run on the same single thread.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.executescript(
+            "PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; PRAGMA wal_autocheckpoint=0;"
+            f"PRAGMA journal_size_limit={self.wal_reset_pages * 4096}; PRAGMA cache_size=-65536;"
+        )
+        return db
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
@@ -257,18 +278,25 @@ class SQLiteStore:
             self._checkpoint_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoint_task
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for connection in [*self._all_readers, self._writer]:
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.close()
+        for connection in self._all_readers:
+            with contextlib.suppress(Exception):
+                await connection.close()
         self._all_readers.clear()
-        self._writer = None
+        if self._executor is not None:
+            if self._db is not None:
+                db, self._db = self._db, None
+
+                def close_writer() -> None:
+                    with contextlib.suppress(Exception):
+                        _checkpoint_truncate(db)
+                    db.close()
+
+                await asyncio.get_running_loop().run_in_executor(self._executor, close_writer)
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     # --- writes ----------------------------------------------------------------------
 
@@ -323,9 +351,12 @@ class SQLiteStore:
                 await self._truncate_wal()
 
     async def _truncate_wal(self) -> None:
-        assert self._writer is not None
+        db = self._db
+        assert db is not None
         try:
-            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, _checkpoint_truncate, db
+            )
         except Exception:
             logger.exception("resetting the WAL failed")
 
@@ -358,52 +389,58 @@ class SQLiteStore:
                 op.future.set_result(result)
 
     async def _transaction(self, ops: list[_Op]) -> list[object]:
-        db = self._writer
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._transaction_sync, ops)
+
+    def _transaction_sync(self, ops: list[_Op]) -> list[object]:
+        """The whole batch on the writer thread: one hand-off, whatever its size."""
+        db = self._db
         assert db is not None
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             # Ids come from the database inside the write lock, so a second process (the
             # `replay` command) can write beside the server without colliding.
-            async with db.execute(_NEXT_IDS) as cursor:
-                row = await cursor.fetchone()
-            assert row is not None
-            self._next_seq, self._next_delivery_id = row[0] + 1, row[1] + 1
-            results = await self._batch(db, ops)
-            await db.execute("COMMIT")
+            # fetchall(): a cursor left unexhausted keeps its statement open, and COMMIT
+            # refuses to run while one is.
+            [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
+            self._next_seq, self._next_delivery_id = last_seq + 1, last_delivery + 1
+            results = self._batch(db, ops)
+            db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
         return results
 
-    async def _batch(self, db: aiosqlite.Connection, ops: list[_Op]) -> list[object]:
+    def _batch(self, db: sqlite3.Connection, ops: list[_Op]) -> list[object]:
         batch = _Batch(self)
         ingests = [op for op in ops if isinstance(op, _Ingest)]
         replays = [op for op in ops if isinstance(op, _Replay)]
 
         # Duplicates: an earlier, readable delivery of the same provider and body.
         seen: dict[tuple[str, str], str | None] = {}
-        shas = sorted({op.delivery.sha256 for op in ingests})
-        for chunk in _chunks(shas, KEYS_PER_QUERY):
-            sql = (
-                "SELECT provider, sha256, task_id FROM deliveries WHERE outcome != 'rejected' "
-                f"AND sha256 IN ({','.join('?' * len(chunk))})"
-            )
-            async with db.execute(sql, chunk) as cursor:
-                async for provider, sha, task_id in cursor:
+        shas: dict[str, set[str]] = {}
+        for ingest in ingests:
+            shas.setdefault(ingest.delivery.provider, set()).add(ingest.delivery.sha256)
+        for provider, provider_shas in shas.items():
+            for chunk in _chunks(sorted(provider_shas), KEYS_PER_QUERY):
+                sql = (
+                    "SELECT sha256, task_id FROM deliveries WHERE provider = ? "
+                    f"AND sha256 IN ({','.join('?' * len(chunk))}) AND outcome != 'rejected'"
+                )
+                for sha, task_id in db.execute(sql, [provider, *chunk]):
                     seen[(provider, sha)] = task_id
 
         replayed: dict[int, NewDelivery] = {}
-        for chunk in _chunks([op.delivery_id for op in replays], KEYS_PER_QUERY):
+        for chunk in _chunks([replay.delivery_id for replay in replays], KEYS_PER_QUERY):
             sql = (
                 "SELECT id, provider, received_at, headers, body, sha256 FROM deliveries "
                 f"WHERE id IN ({','.join('?' * len(chunk))})"
             )
-            async with db.execute(sql, chunk) as cursor:
-                async for did, provider, received_at, headers, body, sha in cursor:
-                    replayed[did] = NewDelivery(
-                        provider, from_epoch(received_at), json.loads(headers), bytes(body), sha
-                    )
+            for did, provider, received_at, headers, body, sha in db.execute(sql, chunk):
+                replayed[did] = NewDelivery(
+                    provider, from_epoch(received_at), json.loads(headers), bytes(body), sha
+                )
 
         # Interpret what is new (pure), and gather every task key the batch needs.
         plans: dict[int, Accepted | Rejected | _Duplicate | None] = {}
@@ -429,7 +466,7 @@ class SQLiteStore:
                 wanted.update(op.candidates)
             if isinstance(plan := plans.get(id(op)), Accepted):
                 wanted.update(plan.candidates)
-        await self._load(db, batch, wanted)
+        self._load(db, batch, wanted)
 
         results: list[object] = []
         for op in ops:
@@ -440,16 +477,19 @@ class SQLiteStore:
                 results.append(error)
 
         if batch.deliveries:
-            await db.executemany(_INSERT_DELIVERY, batch.deliveries)
+            db.executemany(_INSERT_DELIVERY, batch.deliveries)
         if batch.dirty:
-            await db.executemany(_UPSERT_TASK, [_task_row(task) for task in batch.dirty.values()])
+            db.executemany(
+                _UPSERT_TASK,
+                [_task_row(task, batch.public.get(ref)) for ref, task in batch.dirty.items()],
+            )
         if batch.events:
-            await db.executemany(_INSERT_EVENT, batch.events)
+            db.executemany(_INSERT_EVENT, batch.events)
         if batch.delivery_updates:
-            await db.executemany(_UPDATE_DELIVERY, batch.delivery_updates)
+            db.executemany(_UPDATE_DELIVERY, batch.delivery_updates)
         for index, op in enumerate(ops):
             if isinstance(op, _Lease):
-                results[index] = await self._lease(db, op)
+                results[index] = self._lease(db, op)
         return results
 
     def _run_op(self, batch: _Batch, op: _Op, plan: object) -> object:
@@ -475,7 +515,7 @@ class SQLiteStore:
                     task.task_id if task else None,
                 )
             )
-            return IngestResult(delivery_id, outcome, task, error)
+            return IngestResult(delivery_id, outcome, task, error, batch.json_of(task))
         if isinstance(op, _Replay):
             if plan is None:
                 return StoreError(f"no delivery {op.delivery_id}")
@@ -510,25 +550,28 @@ class SQLiteStore:
             return Outcome.CONFLICT, task, None
         return (Outcome.APPLIED if seq is not None else Outcome.UNCHANGED), task, None
 
-    async def _load(self, db: aiosqlite.Connection, batch: _Batch, refs: set[TaskRef]) -> None:
+    def _load(self, db: sqlite3.Connection, batch: _Batch, refs: set[TaskRef]) -> None:
+        by_provider: dict[str, list[str]] = {}
         for ref in refs:
             batch.tasks[ref] = None
-        for chunk in _chunks(sorted(refs, key=lambda r: (r.provider, r.task_id)), KEYS_PER_QUERY):
-            values = ",".join("(?,?)" for _ in chunk)
-            params = [part for ref in chunk for part in (ref.provider, ref.task_id)]
-            sql = f"SELECT data FROM tasks WHERE (provider, task_id) IN (VALUES {values})"
-            async with db.execute(sql, params) as cursor:
-                async for (data,) in cursor:
+            by_provider.setdefault(ref.provider, []).append(ref.task_id)
+        for provider, task_ids in by_provider.items():
+            for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
+                sql = (
+                    "SELECT data FROM tasks WHERE provider = ? "
+                    f"AND task_id IN ({','.join('?' * len(chunk))})"
+                )
+                for (data,) in db.execute(sql, [provider, *chunk]):
                     task = task_from_json(data)
                     batch.tasks[task.ref] = task
 
-    async def _lease(self, db: aiosqlite.Connection, op: _Lease) -> list[Task]:
-        rows = await db.execute_fetchall(_SELECT_DUE, (epoch(op.now), op.limit))
+    def _lease(self, db: sqlite3.Connection, op: _Lease) -> list[Task]:
+        rows = db.execute(_SELECT_DUE, (epoch(op.now), op.limit)).fetchall()
         tasks = [task_from_json(data) for (data,) in rows]
         until = op.now + timedelta(seconds=op.lease_seconds)
         leased = [task.replace(next_poll_at=until) for task in tasks]
         if leased:
-            await db.executemany(_UPSERT_TASK, [_task_row(task) for task in leased])
+            db.executemany(_UPSERT_TASK, [_task_row(task) for task in leased])
         return tasks
 
     # --- reads -----------------------------------------------------------------------
@@ -703,6 +746,10 @@ async def migrate(db: aiosqlite.Connection) -> list[str]:
     return [f"{m.number:04d}_{m.name}" for m in todo]
 
 
+def _checkpoint_truncate(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
 def _statements(sql: str) -> list[str]:
     """Split a migration into statements (ours hold no `;` inside literals)."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
@@ -717,7 +764,7 @@ def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Reject
         return Rejected("internal_error", f"could not interpret the delivery: {error}")
 
 
-def _task_row(task: Task) -> tuple[Any, ...]:
+def _task_row(task: Task, public: str | None = None) -> tuple[Any, ...]:
     return (
         task.provider,
         task.task_id,
@@ -728,7 +775,7 @@ def _task_row(task: Task) -> tuple[Any, ...]:
         epoch(task.updated_at),
         epoch(task.next_poll_at) if task.next_poll_at else None,
         task.version,
-        task_to_json(task),
+        task_to_json(task, public),
     )
 
 
