@@ -784,8 +784,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--bare-loop",
         choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="event loop of the bare server (default asyncio, as `reconciler serve` runs today)",
+        default="uvloop",
+        help="event loop of the bare server (default uvloop, as `reconciler serve` runs)",
     )
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 pair of 2 s")
     ns = parser.parse_args(args)

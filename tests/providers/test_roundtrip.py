@@ -229,5 +229,7 @@ async def test_hanging_answer_times_out(sim: Simulator, clock: FakeClock) -> Non
     provider = adapter(sim, clock, "acedata")
     with pytest.raises(httpx.ReadTimeout):
         await drive(
-            provider, [task_for("acedata", created.task_id, "text2video", clock)], client_timeout=0.2
+            provider,
+            [task_for("acedata", created.task_id, "text2video", clock)],
+            client_timeout=0.2,
         )
