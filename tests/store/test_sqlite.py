@@ -167,7 +167,7 @@ async def test_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
         for n in range(600):
             ref = TaskRef("kling", f"w{n}")
             await store.apply([ref], creating(ref))
-        wal_size = os.path.getsize(f"{path}-wal")
+        wal_size = await asyncio.to_thread(os.path.getsize, f"{path}-wal")
         # Unchecked, 600 commits of a task and an event leave well over 1,000 pages.
         assert wal_size < 400 * 4096, wal_size
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone() == (600,)
