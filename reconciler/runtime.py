@@ -14,7 +14,6 @@ import logging
 import random
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -114,9 +113,6 @@ async def run_service(
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    # The store's COMMIT returns on another thread; at the default 5 ms switch interval it
-    # could wait that long for the GIL behind a busy event loop, on every batch.
-    sys.setswitchinterval(0.0005)
     http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     loop = asyncio.create_task(runtime.reconciler.run(), name="reconciler")
     try:
