@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 
 import httpx
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Batches a provider can take within this many seconds wait for their turn in memory;
 # later ones are handed back to the database, due at their slot.
 WAIT_HORIZON_SECONDS = 1.0
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 Step = httpx.Request | list[PollResult]
 
@@ -205,20 +206,27 @@ class Reconciler:
         self._wait_in_memory = True
         try:
             async with asyncio.TaskGroup() as group:
+                service = self.service
                 while not self._stop.is_set():
                     # Cleared before the pass: a registration during it wakes the next sleep.
-                    self.service.wakeup.clear()
+                    # During the pass only polls due by its start could be missed (none are
+                    # planned in the past); before reading the next due time, anything may.
+                    service.wakeup.clear()
+                    service.loop_wakes_at = self.clock.now()
                     report = PassReport()
                     await self._pass(group, report)
-                    report.next_due_at = await self.service.next_due_at()
+                    service.loop_wakes_at = None
+                    report.next_due_at = await service.next_due_at()
+                    service.loop_wakes_at = report.next_due_at or _NEVER
                     if self._stop.is_set():
                         break
-                    await self.clock.sleep_until(report.next_due_at, self.service.wakeup)
+                    await self.clock.sleep_until(report.next_due_at, service.wakeup)
         except ExceptionGroup as failures:
             raise _first(failures) from None
         finally:
             health.loop_running = False
             self._wait_in_memory = False
+            self.service.loop_wakes_at = None
 
     async def run_once(self) -> PassReport:
         """One pass, awaited to the end: lease the due tasks chunk by chunk (each chunk's

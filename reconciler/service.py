@@ -154,6 +154,10 @@ class Service:
         self.timings = {name: Timing.of(p.settings) for name, p in providers.items()}
         # Set when a registration or webhook may have moved the earliest due poll.
         self.wakeup = asyncio.Event()
+        # When the loop will look at the schedule again by itself (None: it may not, so
+        # any new poll time wakes it). Set by the loop; lets a webhook that plans a poll
+        # later than that leave the loop asleep instead of costing it a pass.
+        self.loop_wakes_at: datetime | None = None
         # Installed by the runtime: polls one task now (the loop owns provider I/O).
         self.poller: Callable[[Task], Awaitable[None]] | None = None
         self.health = Health()
@@ -176,8 +180,15 @@ class Service:
         self.metrics.deliveries.labels(provider, result.outcome.value).inc()
         if result.outcome.value == "applied":
             self.metrics.events.inc()
-            self.wakeup.set()
+        self._nudge(result.task)
         return result
+
+    def _nudge(self, task: Task | None) -> None:
+        """Wake the loop if `task` is now due before the loop would look again."""
+        if task is None or task.next_poll_at is None:
+            return
+        if self.loop_wakes_at is None or task.next_poll_at < self.loop_wakes_at:
+            self.wakeup.set()
 
     def interpret(self, delivery: NewDelivery) -> Accepted | Rejected:
         """Pure: what a stored delivery says, as a decision for the store to apply."""
@@ -290,7 +301,7 @@ class Service:
             task = await self.store.get_task(request.ref)
             assert task is not None
             return task, False
-        self.wakeup.set()
+        self._nudge(result.task)
         return result.task, result.created
 
     # --- polling (called by the reconciler loop) ---------------------------------------

@@ -584,3 +584,25 @@ async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None
             # Untouched but for the lease: the next start polls it when the lease ends.
             assert task.polls == 0
             assert task.next_poll_at == leased_at + timedelta(seconds=h.loop.lease_seconds)
+
+
+async def test_webhooks_wake_the_loop_only_for_earlier_polls(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim) as h:
+        service = h.service
+        service.loop_wakes_at = clock.now() + timedelta(seconds=10)
+        body = b'{"task_id": "w1", "task_status": "processing"}'
+        result = await service.ingest("kling", {}, body)
+        assert result.task is not None and result.task.next_poll_at is not None
+        assert result.task.next_poll_at > service.loop_wakes_at
+        assert not service.wakeup.is_set()  # the loop looks again before that poll is due
+
+        service.loop_wakes_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER * 10)
+        await service.register("kling", "w2")
+        assert service.wakeup.is_set()  # due before the loop would have looked
+
+        service.wakeup.clear()
+        service.loop_wakes_at = None  # the loop is between reading and sleeping
+        await service.ingest("kling", {}, b'{"task_id": "w3", "task_status": "submitted"}')
+        assert service.wakeup.is_set()
