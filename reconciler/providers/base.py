@@ -16,7 +16,7 @@ import abc
 import json
 import math
 import re
-from collections.abc import Generator, Hashable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -91,6 +91,23 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
         """Query the provider about `tasks` (at most `batch_size`, equal `batch_key`)."""
+
+
+def one_by_one(
+    tasks: Sequence[Task],
+    request_for: Callable[[Task], httpx.Request],
+    observe: Callable[[httpx.Response], Observation],
+) -> PollFlow:
+    """The poll flow of a provider with no batch query: one request per task. `observe`
+    raises `NotFound`/`BadPayload` for that task, anything else for the whole exchange."""
+    results: list[PollResult] = []
+    for task in tasks:
+        response = yield request_for(task)
+        try:
+            results.append(PollResult(task.task_id, observation=observe(response)))
+        except (NotFound, BadPayload) as error:
+            results.append(PollResult(task.task_id, error=error))
+    return results
 
 
 class BearerAuth(httpx.Auth):

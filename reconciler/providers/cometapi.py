@@ -27,13 +27,19 @@ from reconciler.errors import (
     excerpt,
 )
 from reconciler.model import Observation, Task
-from reconciler.providers.base import PollFlow, PollResult, Provider, dig, retry_after, text
+from reconciler.providers.base import (
+    PollFlow,
+    Provider,
+    dig,
+    one_by_one,
+    retry_after,
+    text,
+)
 from reconciler.providers.kling import (
     business_code,
     kling_error,
-    kling_path,
     parse_kling_payload,
-    quote_id,
+    passthrough_query,
 )
 
 # new-api's "task does not exist" word, which CometAPI (same lineage) is likely to share.
@@ -49,21 +55,13 @@ class CometAPI(Provider):
         return parse_kling_payload(payload, self.name)
 
     def query_request(self, task: Task) -> httpx.Request:
-        path = kling_path(task.action, self.default_action)
-        return httpx.Request("GET", f"{self.base_url}/kling/v1/{path}/{quote_id(task.task_id)}")
+        return passthrough_query(self.base_url, task, self.default_action)
 
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        results: list[PollResult] = []
-        for task in tasks:
-            response = yield self.query_request(task)
-            try:
-                body = self.read_answer(response)
-                observation = parse_kling_payload(body, self.name)
-            except (NotFound, BadPayload) as error:
-                results.append(PollResult(task.task_id, error=error))
-            else:
-                results.append(PollResult(task.task_id, observation=observation))
-        return results
+        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
+
+    def observe_answer(self, response: httpx.Response) -> Observation:
+        return parse_kling_payload(self.read_answer(response), self.name)
 
     def read_answer(self, response: httpx.Response) -> object:
         """The decoded body, or the error it means."""

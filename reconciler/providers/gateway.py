@@ -27,11 +27,11 @@ from reconciler.errors import BadPayload, NotFound, RateLimited, ServerError, ex
 from reconciler.model import Observation, Status, Task, Video
 from reconciler.providers.base import (
     PollFlow,
-    PollResult,
     Provider,
     check,
     dig,
     number,
+    one_by_one,
     percent,
     require_object,
     retry_after,
@@ -41,10 +41,9 @@ from reconciler.providers.base import (
 from reconciler.providers.kling import (
     business_code,
     kling_error,
-    kling_path,
     observe_kling_task,
     parse_kling_payload,
-    quote_id,
+    passthrough_query,
     status_word,
     task_id_of,
 )
@@ -210,21 +209,13 @@ class Gateway(Provider):
         return parse_gateway_payload(payload, self.name)
 
     def query_request(self, task: Task) -> httpx.Request:
-        path = kling_path(task.action, self.default_action)
-        return httpx.Request("GET", f"{self.base_url}/kling/v1/{path}/{quote_id(task.task_id)}")
+        return passthrough_query(self.base_url, task, self.default_action)
 
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        results: list[PollResult] = []
-        for task in tasks:
-            response = yield self.query_request(task)
-            try:
-                body = self.read_answer(response)
-                observation = parse_gateway_payload(body, self.name)
-            except (NotFound, BadPayload) as error:
-                results.append(PollResult(task.task_id, error=error))
-            else:
-                results.append(PollResult(task.task_id, observation=observation))
-        return results
+        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
+
+    def observe_answer(self, response: httpx.Response) -> Observation:
+        return parse_gateway_payload(self.read_answer(response), self.name)
 
     def read_answer(self, response: httpx.Response) -> object:
         """The decoded body, or the error it means."""
