@@ -287,6 +287,20 @@ class Reconciler:
             report.deferred += len(tasks)
             writes.create_task(self.service.defer(tasks, after(now, PAUSE_SECONDS)))
             return
+        if not lane.provider.settings.configured:
+            # No base URL or credentials: nothing to ask. The tasks (created by callbacks to
+            # a provider this deployment does not poll) still settle by webhook, or expire
+            # at their deadline; this is not a rejected credential, so /readyz stays green.
+            logger.warning(
+                "%s is not configured for polling: %d task(s) left to webhooks until their "
+                "deadline",
+                name,
+                len(tasks),
+            )
+            report.deferred += len(tasks)
+            for task in tasks:
+                writes.create_task(self.service.defer([task], task.deadline_at))
+            return
         held: list[list[Task]] = []
         for batch in _batches(lane.provider, tasks):
             # Once one batch must wait, the later ones wait behind it: due order is kept.

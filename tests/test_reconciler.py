@@ -37,6 +37,7 @@ from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.store.sqlite import SQLiteStore
+from tests.conftest import StartService
 
 FIRST_POLL_AFTER = 60.0
 
@@ -606,3 +607,25 @@ async def test_webhooks_wake_the_loop_only_for_earlier_polls(
         service.loop_wakes_at = None  # the loop is between reading and sleeping
         await service.ingest("kling", {}, b'{"task_id": "w3", "task_status": "submitted"}')
         assert service.wakeup.is_set()
+
+
+async def test_an_unconfigured_provider_is_not_polled_and_its_tasks_expire(
+    start_service: StartService, clock: FakeClock
+) -> None:
+    served = await start_service({"RECONCILER_DEADLINE": "3600"}, clock)  # no credentials
+    service, loop = served.runtime.service, served.runtime.reconciler
+    body = b'{"code": 200, "msg": "ok", "data": {"taskId": "k1", "state": "generating"}}'
+    result = await service.ingest("kie", {}, body)
+    assert result.task is not None and result.task.next_poll_at is not None
+
+    clock.set(result.task.next_poll_at)
+    report = await loop.run_once()
+    assert report.provider_requests == 0 and report.deferred == 1
+    assert service.health.paused == {}  # not a rejected credential
+    task = await service.get_task(TaskRef("kie", "k1"))
+    assert task is not None and task.next_poll_at == task.deadline_at
+
+    clock.set(task.deadline_at)
+    await loop.run_once()
+    task = await service.get_task(TaskRef("kie", "k1"))
+    assert task is not None and task.status is Status.EXPIRED
