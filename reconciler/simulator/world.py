@@ -304,9 +304,10 @@ class World:
     def next_due_at(self) -> datetime | None:
         return self._due[0][0] if self._due else None
 
-    def pop_due(self, now: datetime) -> list[PendingCallback]:
+    def pop_due(self, now: datetime, limit: int | None = None) -> list[PendingCallback]:
+        """Callbacks due at `now`, earliest first; at most `limit` of them."""
         due: list[PendingCallback] = []
-        while self._due and self._due[0][0] <= now:
+        while self._due and self._due[0][0] <= now and (limit is None or len(due) < limit):
             due.append(heapq.heappop(self._due)[2])
         return due
 
