@@ -130,6 +130,7 @@ class Reconciler:
         self._opened = False
         self._closed = False
         self._stop = asyncio.Event()
+        self._slot_waiters: set[asyncio.Event] = set()  # batches waiting for their slot
         # Set by `run()`: batches due within the horizon wait for their slot in memory.
         # `run_once()` does only what is due at its `now`, and hands the rest back.
         self._wait_in_memory = False
@@ -190,6 +191,8 @@ class Reconciler:
         polls already talking to their provider finish (bounded by its request timeout)."""
         self._stop.set()
         self.service.wakeup.set()
+        for wake in self._slot_waiters:
+            wake.set()
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -334,19 +337,27 @@ class Reconciler:
         stays leased and is retried when the lease ends."""
         limits = lane.limits
         give_up = after(self.clock.now(), WAIT_HORIZON_SECONDS)
-        while True:
-            await self.clock.sleep_until(when, self._stop)
-            if self._stop.is_set():
-                report.abandoned += len(batch)
-                return
-            now = self.clock.now()
-            if limits.start(now):
-                break
-            when = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
-            if when > give_up or limits.held_until(now) is not None:
-                report.deferred += len(batch)
-                await self.service.defer(batch, when)
-                return
+        # Thousands of these may wait at once: each on an Event of its own, since waiters
+        # of one shared Event are removed from its queue one by one (quadratic at a timeout).
+        # `stop()` sets every one of them.
+        wake = asyncio.Event()
+        self._slot_waiters.add(wake)
+        try:
+            while True:
+                await self.clock.sleep_until(when, wake)
+                if self._stop.is_set():
+                    report.abandoned += len(batch)
+                    return
+                now = self.clock.now()
+                if limits.start(now):
+                    break
+                when = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
+                if when > give_up or limits.held_until(now) is not None:
+                    report.deferred += len(batch)
+                    await self.service.defer(batch, when)
+                    return
+        finally:
+            self._slot_waiters.discard(wake)
         report.batches += 1
         report.dispatched += len(batch)
         await self._poll_batch(lane, batch, report)
