@@ -8,18 +8,14 @@ optional `request` the flow must have built.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -29,14 +25,24 @@ from starlette.routing import Route
 
 from reconciler import errors
 from reconciler.config import ProviderSettings, Secret
-from reconciler.model import Observation, Source, Status, Task, iso
+from reconciler.model import Observation, Status, Task
 from reconciler.providers.acedata import AceData
-from reconciler.providers.base import PollFlow, PollResult
+from tests.providers.support import (
+    check_callback_case,
+    check_raised,
+    check_results,
+    drive,
+    near_payloads,
+    new_task,
+    payload_json,
+    payload_samples,
+    run,
+    serve,
+    split_cases,
+)
 
 PAYLOADS = Path(__file__).parent / "payloads" / "acedata"
-CASES = sorted(PAYLOADS.glob("*.json"))
-CALLBACK_CASES = [path for path in CASES if "callback" in json.loads(path.read_text())]
-POLL_CASES = [path for path in CASES if "poll" in json.loads(path.read_text())]
+CASES, CALLBACK_CASES, POLL_CASES = split_cases(PAYLOADS)
 BASE_URL = "https://api.acedata.test"
 TOKEN = "acedata-test-token"
 
@@ -46,67 +52,7 @@ def make_provider(base_url: str = BASE_URL) -> AceData:
 
 
 def make_task(task_id: str, action: str = "text2video") -> Task:
-    moment = datetime(2026, 1, 1, tzinfo=UTC)
-    return Task(
-        provider="acedata",
-        task_id=task_id,
-        action=action,
-        status=Status.PROCESSING,
-        created_at=moment,
-        updated_at=moment,
-        deadline_at=moment,
-        source=Source.REGISTER,
-    )
-
-
-def summary(observation: Observation) -> dict[str, Any]:
-    """The observation as comparable JSON (everything but `raw`)."""
-    return {
-        "task_id": observation.task_id,
-        "status": observation.status.value if observation.status else None,
-        "provider_status": observation.provider_status,
-        "progress": observation.progress,
-        "videos": [video.to_json() for video in observation.videos],
-        "error": observation.error,
-        "provider_created_at": iso(observation.provider_created_at),
-        "provider_updated_at": iso(observation.provider_updated_at),
-        "action": observation.action,
-    }
-
-
-def expected(fields: dict[str, Any]) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "provider_status": None,
-        "progress": None,
-        "videos": [],
-        "error": None,
-        "provider_created_at": None,
-        "provider_updated_at": None,
-        "action": None,
-    }
-    return defaults | fields
-
-
-def answer(case: dict[str, Any], request: httpx.Request) -> httpx.Response:
-    poll = case["poll"]
-    headers = poll.get("headers", {})
-    if "text" in poll:
-        return httpx.Response(
-            poll["status"], content=poll["text"].encode(), headers=headers, request=request
-        )
-    return httpx.Response(poll["status"], json=poll["body"], headers=headers, request=request)
-
-
-def run(flow: PollFlow, case: dict[str, Any]) -> tuple[list[httpx.Request], list[PollResult]]:
-    """Drive a flow without I/O, answering every request with the case's answer."""
-    requests: list[httpx.Request] = []
-    try:
-        request = next(flow)
-        while True:
-            requests.append(request)
-            request = flow.send(answer(case, request))
-    except StopIteration as stop:
-        return requests, stop.value
+    return new_task("acedata", task_id, action, status=Status.PROCESSING, lifetime=timedelta(0))
 
 
 def check_request(request: httpx.Request, spec: dict[str, Any]) -> None:
@@ -122,15 +68,7 @@ def check_request(request: httpx.Request, spec: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("path", CALLBACK_CASES, ids=lambda path: path.stem)
 def test_callback_payloads(path: Path) -> None:
-    case = json.loads(path.read_text())
-    provider = make_provider()
-    if "raises" in case:
-        with pytest.raises(getattr(errors, case["raises"])):
-            provider.parse_callback(case["callback"])
-        return
-    observation = provider.parse_callback(case["callback"])
-    assert summary(observation) == expected(case["expect"])
-    assert observation.raw == case["callback"]
+    check_callback_case(make_provider(), json.loads(path.read_text()))
 
 
 @pytest.mark.parametrize("path", POLL_CASES, ids=lambda path: path.stem)
@@ -139,25 +77,13 @@ def test_poll_payloads(path: Path) -> None:
     tasks = [make_task(task["task_id"]) for task in case["poll"]["tasks"]]
     flow = make_provider().poll(tasks)
     if "raises" in case:
-        with pytest.raises(getattr(errors, case["raises"])) as raised:
-            run(flow, case)
-        if "retry_after" in case:
-            assert isinstance(raised.value, errors.RateLimited)
-            assert raised.value.retry_after == case["retry_after"]
+        check_raised(flow, case)
         return
     requests, results = run(flow, case)
     assert len(requests) == 1
     if "request" in case:
         check_request(requests[0], case["request"])
-    assert [result.task_id for result in results] == [task.task_id for task in tasks]
-    for result, want in zip(results, case["expect"], strict=True):
-        if "error" in want and "status" not in want:
-            assert result.observation is None
-            assert isinstance(result.error, getattr(errors, want["error"])), result.error
-        else:
-            assert result.error is None, result.error
-            assert result.observation is not None
-            assert summary(result.observation) == expected(want)
+    check_results(results, tasks, case["expect"])
 
 
 def test_every_payload_file_is_used() -> None:
@@ -245,41 +171,8 @@ KEYS = st.sampled_from(
         "action",
     ]
 )
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**400), max_value=10**400)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12)
-    | st.sampled_from(["succeed", "failed", "processing", "submitted", "5.1", "1740969535.333"])
-)
-JSON = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=6), inner, max_size=5)
-    ),
-    max_leaves=25,
-)
-SAMPLES = [json.loads(path.read_text()).get("callback") for path in CALLBACK_CASES] + [
-    json.loads(path.read_text())["poll"].get("body") for path in POLL_CASES
-]
-
-
-@st.composite
-def near_payloads(draw: st.DrawFn) -> Any:
-    """A real payload with one field replaced by arbitrary JSON (one level down at most)."""
-    sample = draw(st.sampled_from([s for s in SAMPLES if isinstance(s, dict)]))
-    payload = json.loads(json.dumps(sample))
-    target = payload
-    nested = [key for key, value in payload.items() if isinstance(value, dict)]
-    descend: bool = draw(st.booleans())
-    if nested and descend:
-        target = payload[draw(st.sampled_from(nested))]
-    target[draw(KEYS)] = draw(JSON)
-    return payload
-
-
-PAYLOADS_STRATEGY = JSON | near_payloads()
+JSON = payload_json(KEYS, ["succeed", "failed", "processing", "submitted", "5.1", "1740969535.333"])
+PAYLOADS_STRATEGY = JSON | near_payloads(payload_samples(CALLBACK_CASES, POLL_CASES), KEYS, JSON)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -333,35 +226,6 @@ class FakeAceData:
             items = [self.records[i] for i in reversed(body.get("ids", [])) if i in self.records]
             return JSONResponse({"items": items, "count": len(items)})
         return JSONResponse({"success": False, "error": {"code": "bad_request"}}, 400)
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[str]:
-    """uvicorn on a pre-bound 127.0.0.1:0 socket: connectable at once, no readiness wait."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-async def drive(provider: AceData, tasks: Sequence[Task]) -> list[PollResult]:
-    """What the reconciler loop does with a flow: send each request, feed back the answer."""
-    async with httpx.AsyncClient(auth=provider.auth(), timeout=10) as client:
-        flow = provider.poll(tasks)
-        try:
-            request = next(flow)
-            while True:
-                request = flow.send(await client.send(request))
-        except StopIteration as stop:
-            results: list[PollResult] = stop.value
-            return results
 
 
 def record(task_id: str, state: str = "succeed") -> dict[str, Any]:

@@ -3,24 +3,17 @@ real loopback server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from reconciler.config import ProviderSettings, Secret
 from reconciler.errors import (
@@ -31,12 +24,22 @@ from reconciler.errors import (
     RateLimited,
     ServerError,
 )
-from reconciler.model import Observation, Source, Status, Task, iso
-from reconciler.providers.base import PollFlow, PollResult
+from reconciler.model import Status, Task
 from reconciler.providers.cometapi import CometAPI
+from tests.providers.support import (
+    any_json,
+    as_dict,
+    catch_all,
+    drive,
+    new_task,
+    observe_case,
+    offline,
+    payload_files,
+    reply,
+    serve,
+)
 
 PAYLOADS = Path(__file__).parent / "payloads" / "cometapi"
-EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def settings(base_url: str = "https://comet.test") -> ProviderSettings:
@@ -44,75 +47,14 @@ def settings(base_url: str = "https://comet.test") -> ProviderSettings:
 
 
 def make_task(task_id: str, action: str = "text2video") -> Task:
-    return Task(
-        provider="cometapi",
-        task_id=task_id,
-        action=action,
-        status=Status.SUBMITTED,
-        created_at=EPOCH,
-        updated_at=EPOCH,
-        deadline_at=EPOCH + timedelta(days=1),
-        source=Source.REGISTER,
-    )
+    return new_task("cometapi", task_id, action)
 
 
-def as_dict(observation: Observation) -> dict[str, Any]:
-    return {
-        "task_id": observation.task_id,
-        "status": observation.status.value if observation.status else None,
-        "provider_status": observation.provider_status,
-        "progress": observation.progress,
-        "videos": [video.to_json() for video in observation.videos],
-        "error": observation.error,
-        "provider_created_at": iso(observation.provider_created_at),
-        "provider_updated_at": iso(observation.provider_updated_at),
-        "external_task_id": observation.external_task_id,
-    }
-
-
-def drive(flow: PollFlow, answer: Callable[[httpx.Request], httpx.Response]) -> list[PollResult]:
-    """Run a sans-I/O flow, answering each request without a network."""
-    try:
-        request = next(flow)
-        while True:
-            request = flow.send(answer(request))
-    except StopIteration as stop:
-        results: list[PollResult] = stop.value
-        return results
-
-
-def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Any:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers, request=request)
-
-    return answer
-
-
-def payload_files() -> list[Any]:
-    return [
-        pytest.param(json.loads(path.read_text(encoding="utf-8")), id=path.stem)
-        for path in sorted(PAYLOADS.glob("*.json"))
-    ]
-
-
-@pytest.mark.parametrize("case", payload_files())
+@pytest.mark.parametrize("case", payload_files(PAYLOADS))
 def test_payload(case: dict[str, Any]) -> None:
-    comet = CometAPI(settings())
-    if case["via"] == "callback":
-        if "error" in case:
-            with pytest.raises(BadPayload):
-                comet.parse_callback(case["body"])
-            return
-        observation = comet.parse_callback(case["body"])
-    else:
-        [result] = drive(
-            comet.poll([make_task(case["expected"]["task_id"])]),
-            reply(case["status_code"], case["body"]),
-        )
-        assert result.error is None and result.observation is not None
-        observation = result.observation
+    observation = observe_case(CometAPI(settings()), case, make_task)
+    if observation is None:
+        return
     assert as_dict(observation) == case["expected"]
     assert isinstance(observation.raw, dict) and observation.raw["task_id"] == observation.task_id
 
@@ -163,7 +105,7 @@ def comet_error(code: str, message: str) -> dict[str, Any]:
 )
 def test_whole_exchange_errors_raise(status: int, body: object, expected: type) -> None:
     with pytest.raises(expected):
-        drive(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
+        offline(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
 
 
 @pytest.mark.parametrize(
@@ -180,14 +122,14 @@ def test_whole_exchange_errors_raise(status: int, body: object, expected: type) 
     ],
 )
 def test_task_level_errors_are_results(status: int, body: object, expected: type) -> None:
-    [result] = drive(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
+    [result] = offline(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
     assert isinstance(result.error, expected)
 
 
 def test_retry_after() -> None:
     answer = reply(429, comet_error("", "slow"), {"Retry-After": "3"})
     with pytest.raises(RateLimited) as raised:
-        drive(CometAPI(settings()).poll([make_task("t1")]), answer)
+        offline(CometAPI(settings()).poll([make_task("t1")]), answer)
     assert raised.value.retry_after == 3.0
 
 
@@ -195,18 +137,10 @@ def test_one_task_per_request() -> None:
     assert CometAPI.batch_size == 1
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-    | st.sampled_from(["succeed", "failed", "invalid_request", "0", "5.1", "https://x/y.mp4"]),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(["task_id", "task_status", "task_status_msg", "task_result", "videos",
-                         "url", "duration", "code", "data", "message", "error", "id", "status"])
-        | st.text(max_size=4),
-        inner,
-        max_size=6,
-    ),
-    max_leaves=30,
+JSON = any_json(
+    ["task_id", "task_status", "task_status_msg", "task_result", "videos", "url", "duration",
+     "code", "data", "message", "error", "id", "status"],
+    ["succeed", "failed", "invalid_request", "0", "5.1", "https://x/y.mp4"],
 )  # fmt: skip
 
 
@@ -221,7 +155,7 @@ def test_any_json_callback_gives_observation_or_bad_payload(payload: object) -> 
 @given(JSON, st.sampled_from([200, 301, 400, 404, 429, 500, 524]))
 def test_any_json_answer_gives_a_result_or_provider_error(body: object, status: int) -> None:
     try:
-        [result] = drive(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
+        [result] = offline(CometAPI(settings()).poll([make_task("t1")]), reply(status, body))
     except ProviderError:
         return
     assert result.task_id == "t1"
@@ -244,38 +178,15 @@ class FakeComet:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeComet]:
     fake = FakeComet()
-    app = Starlette(routes=[Route("/{path:path}", fake.endpoint)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    fake.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    async with serve(catch_all(fake.endpoint)) as fake.base_url:
         yield fake
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
-
-
-async def run(provider: CometAPI, tasks: list[Task]) -> list[PollResult]:
-    flow = provider.poll(tasks)
-    async with httpx.AsyncClient(auth=provider.auth()) as client:
-        try:
-            request = next(flow)
-            while True:
-                request = flow.send(await client.send(request))
-        except StopIteration as stop:
-            results: list[PollResult] = stop.value
-            return results
 
 
 async def test_poll_over_http(fake: FakeComet) -> None:
     fake.answers["/kling/v1/videos/avatar/image2video/878106242831892487"] = JSONResponse(
         json.loads((PAYLOADS / "query_succeed.json").read_text(encoding="utf-8"))["body"]
     )
-    [result] = await run(
+    [result] = await drive(
         CometAPI(settings(fake.base_url)), [make_task("878106242831892487", "avatar/image2video")]
     )
     assert result.observation is not None
@@ -293,7 +204,7 @@ async def test_several_tasks_one_request_each(fake: FakeComet) -> None:
     fake.answers["/kling/v1/videos/text2video/b"] = JSONResponse(
         comet_error("invalid_request", "invalid request"), 500
     )
-    results = await run(CometAPI(settings(fake.base_url)), [make_task("a"), make_task("b")])
+    results = await drive(CometAPI(settings(fake.base_url)), [make_task("a"), make_task("b")])
     assert [result.task_id for result in results] == ["a", "b"]
     assert results[0].observation and results[0].observation.status is Status.PROCESSING
     assert isinstance(results[1].error, BadPayload)
@@ -313,4 +224,4 @@ async def test_several_tasks_one_request_each(fake: FakeComet) -> None:
 async def test_failures_over_http(fake: FakeComet, response: Response, expected: type) -> None:
     fake.answers["/kling/v1/videos/text2video/t1"] = response
     with pytest.raises(expected):
-        await run(CometAPI(settings(fake.base_url)), [make_task("t1")])
+        await drive(CometAPI(settings(fake.base_url)), [make_task("t1")])

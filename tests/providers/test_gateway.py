@@ -3,24 +3,17 @@ polls against a real loopback server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from reconciler.config import ProviderSettings, Secret
 from reconciler.errors import (
@@ -31,12 +24,22 @@ from reconciler.errors import (
     RateLimited,
     ServerError,
 )
-from reconciler.model import Observation, Source, Status, Task, iso
-from reconciler.providers.base import PollFlow, PollResult
+from reconciler.model import Status, Task
 from reconciler.providers.gateway import Gateway
+from tests.providers.support import (
+    any_json,
+    as_dict,
+    catch_all,
+    drive,
+    new_task,
+    observe_case,
+    offline,
+    payload_files,
+    reply,
+    serve,
+)
 
 PAYLOADS = Path(__file__).parent / "payloads" / "gateway"
-EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 # new-api's 429 message (controller/relay.go), verbatim.
 SATURATED = "当前分组上游负载已饱和，请稍后再试"  # noqa: RUF001
 NOT_EXIST = {"code": "task_not_exist", "message": "task_not_exist", "data": None}
@@ -47,75 +50,16 @@ def settings(base_url: str = "https://relay.test") -> ProviderSettings:
 
 
 def make_task(task_id: str, action: str = "text2video") -> Task:
-    return Task(
-        provider="gateway",
-        task_id=task_id,
-        action=action,
-        status=Status.SUBMITTED,
-        created_at=EPOCH,
-        updated_at=EPOCH,
-        deadline_at=EPOCH + timedelta(days=1),
-        source=Source.REGISTER,
-    )
+    return new_task("gateway", task_id, action)
 
 
-def as_dict(observation: Observation) -> dict[str, Any]:
-    return {
-        "task_id": observation.task_id,
-        "status": observation.status.value if observation.status else None,
-        "provider_status": observation.provider_status,
-        "progress": observation.progress,
-        "videos": [video.to_json() for video in observation.videos],
-        "error": observation.error,
-        "provider_created_at": iso(observation.provider_created_at),
-        "provider_updated_at": iso(observation.provider_updated_at),
-        "external_task_id": observation.external_task_id,
-    }
-
-
-def drive(flow: PollFlow, answer: Callable[[httpx.Request], httpx.Response]) -> list[PollResult]:
-    """Run a sans-I/O flow, answering each request without a network."""
-    try:
-        request = next(flow)
-        while True:
-            request = flow.send(answer(request))
-    except StopIteration as stop:
-        results: list[PollResult] = stop.value
-        return results
-
-
-def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Any:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers, request=request)
-
-    return answer
-
-
-def payload_files() -> list[Any]:
-    return [
-        pytest.param(json.loads(path.read_text(encoding="utf-8")), id=path.stem)
-        for path in sorted(PAYLOADS.glob("*.json"))
-    ]
-
-
-@pytest.mark.parametrize("case", payload_files())
+@pytest.mark.parametrize("case", payload_files(PAYLOADS))
 def test_payload(case: dict[str, Any]) -> None:
     gateway = Gateway(settings())
-    if case["via"] == "callback":
-        if "error" in case:
-            with pytest.raises(BadPayload):
-                gateway.parse_callback(case["body"])
-            return
-        observation = gateway.parse_callback(case["body"])
-    else:
-        [result] = drive(
-            gateway.poll([make_task(case["expected"]["task_id"])]),
-            reply(case["status_code"], case["body"]),
-        )
-        assert result.error is None and result.observation is not None
-        observation = result.observation
+    observation = observe_case(gateway, case, make_task)
+    if observation is None:
+        return
+    if case["via"] != "callback":
         # Every query rendering parses the same way when it arrives as a callback.
         assert gateway.parse_callback(case["body"]) == observation
     assert as_dict(observation) == case["expected"]
@@ -156,7 +100,7 @@ def test_task_dto_raw_is_the_dto() -> None:
 )  # fmt: skip
 def test_whole_exchange_errors_raise(status: int, body: object, expected: type) -> None:
     with pytest.raises(ProviderError) as raised:
-        drive(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
+        offline(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
     assert type(raised.value) is expected
 
 
@@ -178,7 +122,7 @@ def test_whole_exchange_errors_raise(status: int, body: object, expected: type) 
     ],
 )
 def test_task_level_errors_are_results(status: int, body: object, expected: type) -> None:
-    [result] = drive(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
+    [result] = offline(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
     assert isinstance(result.error, expected)
 
 
@@ -190,18 +134,12 @@ def test_query_paths() -> None:
     assert gateway.query_request(make_task("x", "")).url.path == "/kling/v1/videos/text2video/x"
 
 
-KEYS = st.sampled_from(
+JSON = any_json(
     ["task_id", "status", "progress", "fail_reason", "result_url", "submit_time", "finish_time",
      "data", "code", "message", "url", "format", "metadata", "duration", "error", "task_status",
-     "task_status_msg", "task_result", "videos", "id", "outputs", "create_time"]
-)  # fmt: skip
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-    | st.sampled_from(["SUCCESS", "FAILURE", "succeed", "success", "failed", "30%",
-                       "task_not_exist", "SUCCEED", "https://x/y.mp4", "0"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=4),
-                                                                inner, max_size=6),
-    max_leaves=30,
+     "task_status_msg", "task_result", "videos", "id", "outputs", "create_time"],
+    ["SUCCESS", "FAILURE", "succeed", "success", "failed", "30%", "task_not_exist", "SUCCEED",
+     "https://x/y.mp4", "0"],
 )  # fmt: skip
 
 
@@ -218,7 +156,7 @@ def test_any_json_callback_gives_observation_or_bad_payload(payload: object) -> 
 @given(JSON, st.sampled_from([200, 400, 404, 429, 500]))
 def test_any_json_answer_gives_a_result_or_provider_error(body: object, status: int) -> None:
     try:
-        [result] = drive(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
+        [result] = offline(Gateway(settings()).poll([make_task("t1")]), reply(status, body))
     except ProviderError:
         return
     assert result.task_id == "t1"
@@ -241,31 +179,8 @@ class FakeRelay:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeRelay]:
     fake = FakeRelay()
-    app = Starlette(routes=[Route("/{path:path}", fake.endpoint)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    fake.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    async with serve(catch_all(fake.endpoint)) as fake.base_url:
         yield fake
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
-
-
-async def run(provider: Gateway, tasks: list[Task]) -> list[PollResult]:
-    flow = provider.poll(tasks)
-    async with httpx.AsyncClient(auth=provider.auth()) as client:
-        try:
-            request = next(flow)
-            while True:
-                request = flow.send(await client.send(request))
-        except StopIteration as stop:
-            results: list[PollResult] = stop.value
-            return results
 
 
 def payload(name: str) -> Any:
@@ -280,7 +195,7 @@ async def test_poll_over_http(fake: FakeRelay) -> None:
         payload("openai_completed_error_code0")
     )
     tasks = [make_task("842250903629086785"), make_task("task_o1"), make_task("ghost")]
-    results = await run(Gateway(settings(fake.base_url)), tasks)
+    results = await drive(Gateway(settings(fake.base_url)), tasks)
     assert [result.task_id for result in results] == ["842250903629086785", "task_o1", "ghost"]
     assert results[0].observation and results[0].observation.status is Status.COMPLETED
     assert results[1].observation and results[1].observation.error is None
@@ -303,6 +218,6 @@ async def test_poll_over_http(fake: FakeRelay) -> None:
 async def test_failures_over_http(fake: FakeRelay, response: Response, expected: type) -> None:
     fake.answers["/kling/v1/videos/text2video/t1"] = response
     with pytest.raises(expected) as raised:
-        await run(Gateway(settings(fake.base_url)), [make_task("t1")])
+        await drive(Gateway(settings(fake.base_url)), [make_task("t1")])
     if isinstance(raised.value, RateLimited):
         assert raised.value.retry_after == 30.0

@@ -8,21 +8,15 @@ the answer to give) + `expect` (one result per task) or `raises`, and an optiona
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
-import socket
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -33,14 +27,25 @@ from starlette.routing import Route
 from reconciler import errors
 from reconciler.clock import FakeClock
 from reconciler.config import ProviderSettings, Secret
-from reconciler.model import Observation, Source, Status, Task, iso
-from reconciler.providers.base import PollFlow, PollResult, RawDelivery
+from reconciler.model import Observation, Status, Task
+from reconciler.providers.base import RawDelivery
 from reconciler.providers.kie import Kie
+from tests.providers.support import (
+    check_callback_case,
+    check_raised,
+    check_results,
+    drive,
+    near_payloads,
+    new_task,
+    payload_json,
+    payload_samples,
+    run,
+    serve,
+    split_cases,
+)
 
 PAYLOADS = Path(__file__).parent / "payloads" / "kie"
-CASES = sorted(PAYLOADS.glob("*.json"))
-CALLBACK_CASES = [path for path in CASES if "callback" in json.loads(path.read_text())]
-POLL_CASES = [path for path in CASES if "poll" in json.loads(path.read_text())]
+CASES, CALLBACK_CASES, POLL_CASES = split_cases(PAYLOADS)
 BASE_URL = "https://api.kie.test"
 KEY = "kie-test-key"
 HMAC_KEY = "kie-hmac-key"
@@ -58,66 +63,7 @@ def make_provider(base_url: str = BASE_URL, hmac_key: str | None = None) -> Kie:
 
 
 def make_task(task_id: str, action: str = "jobs") -> Task:
-    return Task(
-        provider="kie",
-        task_id=task_id,
-        action=action,
-        status=Status.PROCESSING,
-        created_at=NOW,
-        updated_at=NOW,
-        deadline_at=NOW,
-        source=Source.REGISTER,
-    )
-
-
-def summary(observation: Observation) -> dict[str, Any]:
-    """The observation as comparable JSON (everything but `raw`)."""
-    return {
-        "task_id": observation.task_id,
-        "status": observation.status.value if observation.status else None,
-        "provider_status": observation.provider_status,
-        "progress": observation.progress,
-        "videos": [video.to_json() for video in observation.videos],
-        "error": observation.error,
-        "provider_created_at": iso(observation.provider_created_at),
-        "provider_updated_at": iso(observation.provider_updated_at),
-        "action": observation.action,
-    }
-
-
-def expected(fields: dict[str, Any]) -> dict[str, Any]:
-    defaults: dict[str, Any] = {
-        "provider_status": None,
-        "progress": None,
-        "videos": [],
-        "error": None,
-        "provider_created_at": None,
-        "provider_updated_at": None,
-        "action": None,
-    }
-    return defaults | fields
-
-
-def answer(case: dict[str, Any], request: httpx.Request) -> httpx.Response:
-    poll = case["poll"]
-    headers = poll.get("headers", {})
-    if "text" in poll:
-        return httpx.Response(
-            poll["status"], content=poll["text"].encode(), headers=headers, request=request
-        )
-    return httpx.Response(poll["status"], json=poll["body"], headers=headers, request=request)
-
-
-def run(flow: PollFlow, case: dict[str, Any]) -> tuple[list[httpx.Request], list[PollResult]]:
-    """Drive a flow without I/O, answering every request with the case's answer."""
-    requests: list[httpx.Request] = []
-    try:
-        request = next(flow)
-        while True:
-            requests.append(request)
-            request = flow.send(answer(case, request))
-    except StopIteration as stop:
-        return requests, stop.value
+    return new_task("kie", task_id, action, status=Status.PROCESSING, at=NOW, lifetime=timedelta(0))
 
 
 def tasks_of(case: dict[str, Any]) -> list[Task]:
@@ -129,15 +75,7 @@ def tasks_of(case: dict[str, Any]) -> list[Task]:
 
 @pytest.mark.parametrize("path", CALLBACK_CASES, ids=lambda path: path.stem)
 def test_callback_payloads(path: Path) -> None:
-    case = json.loads(path.read_text())
-    provider = make_provider()
-    if "raises" in case:
-        with pytest.raises(getattr(errors, case["raises"])):
-            provider.parse_callback(case["callback"])
-        return
-    observation = provider.parse_callback(case["callback"])
-    assert summary(observation) == expected(case["expect"])
-    assert observation.raw == case["callback"]
+    check_callback_case(make_provider(), json.loads(path.read_text()))
 
 
 @pytest.mark.parametrize("path", POLL_CASES, ids=lambda path: path.stem)
@@ -146,11 +84,7 @@ def test_poll_payloads(path: Path) -> None:
     tasks = tasks_of(case)
     flow = make_provider().poll(tasks)
     if "raises" in case:
-        with pytest.raises(getattr(errors, case["raises"])) as raised:
-            run(flow, case)
-        if "retry_after" in case:
-            assert isinstance(raised.value, errors.RateLimited)
-            assert raised.value.retry_after == case["retry_after"]
+        check_raised(flow, case)
         return
     requests, results = run(flow, case)
     assert len(requests) == len(tasks)
@@ -161,16 +95,8 @@ def test_poll_payloads(path: Path) -> None:
         assert requests[0].url.path == spec["path"]
         assert dict(requests[0].url.params) == spec["params"]
         assert "authorization" not in requests[0].headers  # the caller's httpx.Auth adds it
-    assert [result.task_id for result in results] == [task.task_id for task in tasks]
-    for result, want in zip(results, case["expect"], strict=True):
-        if "error" in want and "status" not in want:
-            assert result.observation is None
-            assert isinstance(result.error, getattr(errors, want["error"])), result.error
-        else:
-            assert result.error is None, result.error
-            assert result.observation is not None
-            assert summary(result.observation) == expected(want)
-            assert result.observation.raw == case["poll"]["body"]
+    for observation in check_results(results, tasks, case["expect"]):
+        assert observation.raw == case["poll"]["body"]
 
 
 def test_every_payload_file_is_used() -> None:
@@ -377,43 +303,10 @@ KEYS = st.sampled_from(
         "error",
     ]
 )
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**400), max_value=10**400)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12)
-    | st.sampled_from(
-        [200, 404, 501, "success", "waiting", "0.45", "2025-06-06 10:30:00", '{"resultUrls":1}']
-    )
+JSON = payload_json(
+    KEYS, [200, 404, 501, "success", "waiting", "0.45", "2025-06-06 10:30:00", '{"resultUrls":1}']
 )
-JSON = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(KEYS | st.text(max_size=6), inner, max_size=5)
-    ),
-    max_leaves=25,
-)
-SAMPLES = [json.loads(path.read_text()).get("callback") for path in CALLBACK_CASES] + [
-    json.loads(path.read_text())["poll"].get("body") for path in POLL_CASES
-]
-
-
-@st.composite
-def near_payloads(draw: st.DrawFn) -> Any:
-    """A real payload with one field replaced by arbitrary JSON (one level down at most)."""
-    sample = draw(st.sampled_from([s for s in SAMPLES if isinstance(s, dict)]))
-    payload = json.loads(json.dumps(sample))
-    target = payload
-    nested = [key for key, value in payload.items() if isinstance(value, dict)]
-    descend: bool = draw(st.booleans())
-    if nested and descend:
-        target = payload[draw(st.sampled_from(nested))]
-    target[draw(KEYS)] = draw(JSON)
-    return payload
-
-
-PAYLOADS_STRATEGY = JSON | near_payloads()
+PAYLOADS_STRATEGY = JSON | near_payloads(payload_samples(CALLBACK_CASES, POLL_CASES), KEYS, JSON)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -474,35 +367,6 @@ class FakeKie:
         if data is None:
             return JSONResponse({"code": 404, "msg": "Task not found", "data": None})
         return JSONResponse({"code": 200, "msg": "success", "data": {"taskId": task_id, **data}})
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[str]:
-    """uvicorn on a pre-bound 127.0.0.1:0 socket: connectable at once, no readiness wait."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-async def drive(provider: Kie, tasks: Sequence[Task]) -> list[PollResult]:
-    """What the reconciler loop does with a flow: send each request, feed back the answer."""
-    async with httpx.AsyncClient(auth=provider.auth(), timeout=10) as client:
-        flow = provider.poll(tasks)
-        try:
-            request = next(flow)
-            while True:
-                request = flow.send(await client.send(request))
-        except StopIteration as stop:
-            results: list[PollResult] = stop.value
-            return results
 
 
 async def test_poll_over_http() -> None:

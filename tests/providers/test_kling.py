@@ -3,11 +3,9 @@ Standard Webhooks signature, and the poll flows against a real loopback server."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,13 +14,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from reconciler.clock import FakeClock
 from reconciler.config import ProviderSettings, Secret
@@ -36,12 +31,24 @@ from reconciler.errors import (
     ServerError,
     SignatureError,
 )
-from reconciler.model import Observation, Source, Status, Task, iso
-from reconciler.providers.base import PollFlow, PollResult, RawDelivery
+from reconciler.model import Status, Task
+from reconciler.providers.base import PollResult, RawDelivery
 from reconciler.providers.kling import Kling, KlingJWTAuth, kling_path
+from tests.providers.support import (
+    EPOCH,
+    any_json,
+    as_dict,
+    catch_all,
+    drive,
+    new_task,
+    observe_case,
+    offline,
+    payload_files,
+    reply,
+    serve,
+)
 
 PAYLOADS = Path(__file__).parent / "payloads" / "kling"
-EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 SECRET_KEY = "kling-secret-key-0123456789abcdef"  # as long as a real one
 
 
@@ -56,80 +63,17 @@ def settings(base_url: str = "https://kling.test", **extra: Any) -> ProviderSett
 
 
 def make_task(task_id: str, action: str = "text2video", external: str | None = None) -> Task:
-    return Task(
-        provider="kling",
-        task_id=task_id,
-        action=action,
-        status=Status.SUBMITTED,
-        created_at=EPOCH,
-        updated_at=EPOCH,
-        deadline_at=EPOCH + timedelta(days=1),
-        source=Source.REGISTER,
-        external_task_id=external,
-    )
-
-
-def as_dict(observation: Observation) -> dict[str, Any]:
-    return {
-        "task_id": observation.task_id,
-        "status": observation.status.value if observation.status else None,
-        "provider_status": observation.provider_status,
-        "progress": observation.progress,
-        "videos": [video.to_json() for video in observation.videos],
-        "error": observation.error,
-        "provider_created_at": iso(observation.provider_created_at),
-        "provider_updated_at": iso(observation.provider_updated_at),
-        "external_task_id": observation.external_task_id,
-    }
-
-
-def drive(flow: PollFlow, answer: Callable[[httpx.Request], httpx.Response]) -> list[PollResult]:
-    """Run a sans-I/O flow, answering each request without a network."""
-    try:
-        request = next(flow)
-        while True:
-            request = flow.send(answer(request))
-    except StopIteration as stop:
-        results: list[PollResult] = stop.value
-        return results
-
-
-def reply(status: int, body: object, headers: dict[str, str] | None = None) -> Any:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=content, headers=headers, request=request)
-
-    return answer
+    return new_task("kling", task_id, action, external=external)
 
 
 # --- payload files -----------------------------------------------------------------------
 
 
-def payload_files() -> list[Any]:
-    return [
-        pytest.param(json.loads(path.read_text(encoding="utf-8")), id=path.stem)
-        for path in sorted(PAYLOADS.glob("*.json"))
-    ]
-
-
-@pytest.mark.parametrize("case", payload_files())
+@pytest.mark.parametrize("case", payload_files(PAYLOADS))
 def test_payload(case: dict[str, Any]) -> None:
-    kling = Kling(settings())
-    if case["via"] == "callback":
-        if "error" in case:
-            with pytest.raises(BadPayload):
-                kling.parse_callback(case["body"])
-            return
-        observation = kling.parse_callback(case["body"])
-    else:
-        [result] = drive(
-            kling.poll([make_task(case["expected"]["task_id"])]),
-            reply(case["status_code"], case["body"]),
-        )
-        assert result.error is None
-        assert result.observation is not None
-        observation = result.observation
+    observation = observe_case(Kling(settings()), case, make_task)
+    if observation is None:
+        return
     assert as_dict(observation) == case["expected"]
     assert isinstance(observation.raw, dict)
     assert observation.raw.get("task_id", observation.raw.get("id")) == observation.task_id
@@ -181,7 +125,7 @@ def test_list_answer_as_callback_with_one_item() -> None:
 )
 def test_whole_exchange_errors_raise(status: int, body: object, expected: type) -> None:
     with pytest.raises(expected):
-        drive(Kling(settings()).poll([make_task("t1")]), reply(status, body))
+        offline(Kling(settings()).poll([make_task("t1")]), reply(status, body))
 
 
 @pytest.mark.parametrize(
@@ -196,7 +140,7 @@ def test_whole_exchange_errors_raise(status: int, body: object, expected: type) 
     ],
 )
 def test_task_level_errors_are_results(status: int, body: object) -> None:
-    [result] = drive(Kling(settings()).poll([make_task("t1")]), reply(status, body))
+    [result] = offline(Kling(settings()).poll([make_task("t1")]), reply(status, body))
     assert isinstance(result.error, BadPayload)
     assert result.task_id == "t1"
 
@@ -204,7 +148,7 @@ def test_task_level_errors_are_results(status: int, body: object) -> None:
 def test_retry_after_is_honoured_on_rate_limits() -> None:
     answer = reply(429, {"code": 1302, "message": "too many"}, {"Retry-After": "7"})
     with pytest.raises(RateLimited) as raised:
-        drive(Kling(settings()).poll([make_task("t1")]), answer)
+        offline(Kling(settings()).poll([make_task("t1")]), answer)
     assert raised.value.retry_after == 7.0
 
 
@@ -367,17 +311,11 @@ def test_malformed_secret_is_a_config_error() -> None:
 
 # --- any JSON ------------------------------------------------------------------------------
 
-KEYS = st.sampled_from(
+JSON = any_json(
     ["task_id", "task_status", "task_status_msg", "task_result", "videos", "url", "duration",
      "code", "data", "message", "id", "status", "outputs", "type", "created_at", "list",
-     "create_time", "task_info", "external_task_id", "cover_image_url", "result", "video_url"]
-)  # fmt: skip
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-    | st.sampled_from(["succeed", "failed", "submitted", "0", "5.1", "https://x/y.mp4"]),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(KEYS | st.text(max_size=4), inner, max_size=6),
-    max_leaves=30,
+     "create_time", "task_info", "external_task_id", "cover_image_url", "result", "video_url"],
+    ["succeed", "failed", "submitted", "0", "5.1", "https://x/y.mp4"],
 )  # fmt: skip
 
 
@@ -394,7 +332,7 @@ def test_any_json_callback_gives_observation_or_bad_payload(payload: object) -> 
 def test_any_json_answer_gives_results_or_provider_error(body: object, status: int) -> None:
     tasks = [make_task("t1"), make_task("t2")]
     try:
-        results = drive(Kling(settings()).poll(tasks), reply(status, body))
+        results = offline(Kling(settings()).poll(tasks), reply(status, body))
     except ProviderError:
         return
     assert sorted(result.task_id for result in results) == ["t1", "t2"]
@@ -427,32 +365,8 @@ class FakeKling:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeKling]:
     fake = FakeKling()
-    app = Starlette(routes=[Route("/{path:path}", fake.endpoint)])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    fake.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    async with serve(catch_all(fake.endpoint)) as fake.base_url:
         yield fake
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
-
-
-async def run(provider: Kling, tasks: list[Task]) -> list[PollResult]:
-    """Send the flow's requests the way the reconciler loop does: one client, its auth."""
-    flow = provider.poll(tasks)
-    async with httpx.AsyncClient(auth=provider.auth()) as client:
-        try:
-            request = next(flow)
-            while True:
-                request = flow.send(await client.send(request))
-        except StopIteration as stop:
-            results: list[PollResult] = stop.value
-            return results
 
 
 def kling_task(
@@ -480,7 +394,7 @@ def by_id(results: list[PollResult]) -> dict[str, PollResult]:
 
 async def test_single_task_direct_query(fake: FakeKling) -> None:
     fake.answer("/v1/videos/image2video/t1", envelope(kling_task("t1")))
-    [result] = await run(Kling(settings(fake.base_url)), [make_task("t1", "image2video")])
+    [result] = await drive(Kling(settings(fake.base_url)), [make_task("t1", "image2video")])
     assert result.observation is not None
     assert result.observation.status is Status.COMPLETED
     assert fake.seen == [("/v1/videos/image2video/t1", "", "access-key")]
@@ -497,7 +411,7 @@ async def test_single_task_direct_query(fake: FakeKling) -> None:
 async def test_single_task_falls_back_to_the_list(fake: FakeKling, not_found: Response) -> None:
     fake.answer("/v1/videos/text2video/new", not_found)
     fake.answer("/v1/videos/text2video", envelope([kling_task("old"), kling_task("new")]))
-    [result] = await run(Kling(settings(fake.base_url)), [make_task("new")])
+    [result] = await drive(Kling(settings(fake.base_url)), [make_task("new")])
     assert result.observation is not None
     assert result.observation.task_id == "new"
     assert [path for path, _, _ in fake.seen] == [
@@ -509,13 +423,13 @@ async def test_single_task_falls_back_to_the_list(fake: FakeKling, not_found: Re
 
 async def test_list_shape_of_seed_000_is_accepted(fake: FakeKling) -> None:
     fake.answer("/v1/videos/text2video", envelope({"list": [kling_task("new")], "total": 1}))
-    [result] = await run(Kling(settings(fake.base_url)), [make_task("new")])
+    [result] = await drive(Kling(settings(fake.base_url)), [make_task("new")])
     assert result.observation is not None
 
 
 async def test_unknown_everywhere_is_not_found(fake: FakeKling) -> None:
     fake.answer("/v1/videos/text2video", envelope([kling_task("other")]))
-    [result] = await run(Kling(settings(fake.base_url)), [make_task("ghost")])
+    [result] = await drive(Kling(settings(fake.base_url)), [make_task("ghost")])
     assert isinstance(result.error, NotFound)
     assert len(fake.seen) == 2
 
@@ -527,7 +441,7 @@ async def test_batch_uses_one_list_then_direct_queries(fake: FakeKling) -> None:
     )
     fake.answer("/v1/videos/text2video/c", envelope(kling_task("c", "failed")))
     tasks = [make_task("a"), make_task("ext-b"), make_task("c"), make_task("gone")]
-    results = by_id(await run(Kling(settings(fake.base_url)), tasks))
+    results = by_id(await drive(Kling(settings(fake.base_url)), tasks))
     paths = [path for path, _, _ in fake.seen]
     assert paths == [
         "/v1/videos/text2video",
@@ -544,7 +458,7 @@ async def test_batch_uses_one_list_then_direct_queries(fake: FakeKling) -> None:
 async def test_batch_all_on_the_list_is_one_request(fake: FakeKling) -> None:
     fake.answer("/v1/videos/text2video", envelope([kling_task(str(n)) for n in range(60)]))
     tasks = [make_task(str(n)) for n in range(50)]
-    results = await run(Kling(settings(fake.base_url)), tasks)
+    results = await drive(Kling(settings(fake.base_url)), tasks)
     assert len(results) == 50 and all(result.observation for result in results)
     assert len(fake.seen) == 1
 
@@ -562,7 +476,7 @@ async def test_batch_all_on_the_list_is_one_request(fake: FakeKling) -> None:
 async def test_failures_over_http(fake: FakeKling, response: Response, expected: type) -> None:
     fake.answer("/v1/videos/text2video/t1", response)
     with pytest.raises(expected) as raised:
-        await run(Kling(settings(fake.base_url)), [make_task("t1")])
+        await drive(Kling(settings(fake.base_url)), [make_task("t1")])
     if isinstance(raised.value, RateLimited):
         assert raised.value.retry_after == 12.0
 
@@ -573,13 +487,13 @@ async def test_a_401_is_retried_once_with_a_fresh_token(fake: FakeKling) -> None
         JSONResponse({"code": 1004, "message": "token expired"}, 401),
         envelope(kling_task("t1")),
     )
-    [result] = await run(Kling(settings(fake.base_url)), [make_task("t1")])
+    [result] = await drive(Kling(settings(fake.base_url)), [make_task("t1")])
     assert result.observation is not None
     assert len(fake.seen) == 2
 
 
 def test_no_tasks_no_requests() -> None:
-    assert drive(Kling(settings()).poll([]), reply(500, b"")) == []
+    assert offline(Kling(settings()).poll([]), reply(500, b"")) == []
 
 
 def test_a_list_without_a_task_array_is_a_bad_answer() -> None:
@@ -590,7 +504,7 @@ def test_a_list_without_a_task_array_is_a_bad_answer() -> None:
         ]
     )
     with pytest.raises(BadPayload, match="no task array"):
-        drive(Kling(settings()).poll([make_task("t1")]), lambda request: next(answers))
+        offline(Kling(settings()).poll([make_task("t1")]), lambda request: next(answers))
 
 
 def test_a_short_secret_key_mints_without_warnings() -> None:
@@ -608,7 +522,7 @@ def test_a_short_secret_key_mints_without_warnings() -> None:
 )
 def test_an_unlisted_code_falls_back_to_the_http_status(status: int, expected: type) -> None:
     with pytest.raises(expected) if status != 400 else contextlib.nullcontext():
-        results = drive(
+        results = offline(
             Kling(settings()).poll([make_task("t1")]), reply(status, {"code": 9999, "message": "?"})
         )
         assert isinstance(results[0].error, BadPayload)
