@@ -39,7 +39,7 @@ from typing import Any
 import aiosqlite
 
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import Change, Delivery, Outcome, Task, TaskRef
+from reconciler.model import Change, Delivery, Outcome, Task, TaskRef, iso
 from reconciler.store import migrations
 from reconciler.store.base import (
     Accepted,
@@ -87,6 +87,10 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 _UPDATE_DELIVERY = "UPDATE deliveries SET outcome = ?, error = ?, task_id = ? WHERE id = ?"
 _NEXT_IDS = """
 SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(id), 0) FROM deliveries)
+"""
+_LEASE = """
+UPDATE tasks SET next_poll_at = ?, data = json_set(data, '$.next_poll_at', ?)
+WHERE provider = ? AND task_id = ?
 """
 _SELECT_DUE = """
 SELECT data FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
@@ -583,9 +587,10 @@ class SQLiteStore:
         rows = db.execute(_SELECT_DUE, (epoch(op.now), op.limit)).fetchall()
         tasks = [task_from_json(data) for (data,) in rows]
         until = op.now + timedelta(seconds=op.lease_seconds)
-        leased = [task.replace(next_poll_at=until) for task in tasks]
-        if leased:
-            db.executemany(_UPSERT_TASK, [_task_row(task) for task in leased])
+        if tasks:
+            # Only the poll time changes: patch it in place rather than re-encode each task.
+            moved = (epoch(until), iso(until))
+            db.executemany(_LEASE, [(*moved, task.provider, task.task_id) for task in tasks])
         return tasks
 
     # --- reads -----------------------------------------------------------------------
