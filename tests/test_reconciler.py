@@ -629,3 +629,33 @@ async def test_an_unconfigured_provider_is_not_polled_and_its_tasks_expire(
     await loop.run_once()
     task = await service.get_task(TaskRef("kie", "k1"))
     assert task is not None and task.status is Status.EXPIRED
+
+
+async def test_stop_releases_batches_waiting_in_memory(tmp_path: Path) -> None:
+    clock = WatchedClock()  # never advanced: the waiting batches' slots never come
+    async with (
+        Simulator(clock=clock, seed=4).serve() as sim,
+        harness(tmp_path, clock, sim, env={"KIE_RATE_LIMIT": "5"}) as h,
+    ):
+        refs = []
+        for _ in range(4):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(FIRST_POLL_AFTER)
+        running = asyncio.create_task(h.loop.run())
+        try:
+            async with asyncio.timeout(10):
+                while len(requests_of(sim, "kie")) < 1 or not h.loop._slot_waiters:
+                    clock.waiting.clear()
+                    await clock.waiting.wait()
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running  # returns although the waiting batches' slots never came
+        assert len(requests_of(sim, "kie")) == 1
+        tasks = await h.tasks(refs)
+        assert sum(task.polls for task in tasks) == 1
+        # The others stay leased: due again when the lease ends, not lost.
+        for task in tasks:
+            if task.polls == 0:
+                assert task.next_poll_at is not None and task.next_poll_at > clock.now()
