@@ -1,9 +1,10 @@
 """The `reconciler` command (SPEC §5): parse arguments, build Settings, call the runtime.
 
-`serve` owns the process: it installs SIGTERM/SIGINT handlers before uvicorn starts (uvicorn
-restores them and re-raises into them after its own shutdown), so the reconciler loop stops
-gracefully and the exit code is 0. `track`, `tail` talk to a running server over HTTP: one
-process owns the database. `migrate` and `replay` open the database themselves.
+`serve` runs `runtime.run_service` on uvloop; that installs the SIGTERM/SIGINT handlers
+before uvicorn starts, so the reconciler loop stops gracefully and the exit code is 0.
+`track` and `tail` talk to a running server over HTTP: one process owns the database.
+`migrate` and `replay` open the database themselves (replay beside a running server too:
+ids are read inside each write transaction).
 
 Bad configuration prints one line and exits 2.
 """
