@@ -31,10 +31,10 @@ from reconciler.clock import FakeClock
 from reconciler.config import Settings
 from reconciler.feed import Feed
 from reconciler.limits import BreakerState
-from reconciler.model import Source, Status, Task, TaskRef
-from reconciler.providers import PROVIDERS
+from reconciler.model import Observation, Source, Status, Task, TaskRef
+from reconciler.providers import PROVIDERS, PollResult
 from reconciler.reconciler import PassReport, Reconciler
-from reconciler.service import NOT_FOUND_ERROR, Service
+from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.store.sqlite import SQLiteStore
 from tests.conftest import StartService
@@ -659,3 +659,33 @@ async def test_stop_releases_batches_waiting_in_memory(tmp_path: Path) -> None:
         for task in tasks:
             if task.polls == 0:
                 assert task.next_poll_at is not None and task.next_poll_at > clock.now()
+
+
+async def test_success_without_url_is_polled_soon_then_failed(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim, env={"RECONCILER_NOT_FOUND_GRACE": "120"}) as h:
+        ref = await register(h, "kling", "no-url", "text2video")
+        task = await h.task(*ref)
+        empty = PollResult("no-url", Observation("no-url", Status.COMPLETED, "succeed"))
+
+        settled = await h.service.settle_poll(task, empty)
+        assert settled is not None and settled.status is Status.PROCESSING
+        assert settled.next_poll_at == clock.now() + timedelta(seconds=10)  # soon
+
+        clock.advance(121)
+        settled = await h.service.settle_poll(settled, empty)
+        assert settled is not None and settled.status is Status.FAILED
+        assert settled.error == RESULT_MISSING_ERROR and settled.next_poll_at is None
+
+
+async def test_an_unknown_status_word_keeps_the_task_polled(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim) as h:
+        ref = await register(h, "gateway", "odd", "text2video")
+        task = await h.task(*ref)
+        odd = PollResult("odd", Observation("odd", None, "UNKNOWN"))
+        settled = await h.service.settle_poll(task, odd)
+        assert settled is not None and not settled.terminal
+        assert settled.provider_status == "UNKNOWN" and settled.next_poll_at is not None
