@@ -247,7 +247,6 @@ class Event:
 class Outcome(enum.StrEnum):
     """What became of a stored webhook delivery."""
 
-    PENDING = "pending"  # stored, not applied yet
     APPLIED = "applied"  # changed the task (an event was written)
     UNCHANGED = "unchanged"  # parsed, but said nothing new
     DUPLICATE = "duplicate"  # same provider and body as an earlier delivery

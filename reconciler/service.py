@@ -478,7 +478,7 @@ class Service:
             by = settled_by(Status(row.status), Source(row.source))
             settled.setdefault(row.provider, dict.fromkeys(SETTLED_BY, 0))[by] += row.count
         now = self.clock.now()
-        due = await self.store.oldest_due_at(now)
+        due = await self.store.next_due_at()
         # The loop's own figure, or the database's when the loop is stuck or not running.
         overdue = (now - due).total_seconds() if due is not None else 0.0
         lag = max(self.health.lag_seconds, overdue, 0.0)

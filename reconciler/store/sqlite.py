@@ -615,9 +615,6 @@ class SQLiteStore:
         )
         return from_epoch(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    async def oldest_due_at(self, now: datetime) -> datetime | None:
-        return await self.next_due_at()
-
     async def get_task(self, ref: TaskRef) -> Task | None:
         rows = await self._fetch(
             "SELECT data FROM tasks WHERE provider = ? AND task_id = ?", (ref.provider, ref.task_id)
