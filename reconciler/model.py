@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Status(enum.StrEnum):
@@ -53,13 +54,14 @@ class Source(enum.StrEnum):
 
 def iso(moment: datetime | None) -> str | None:
     """RFC 3339 UTC with a `Z`, to the microsecond: a stored task's times read back exactly,
-    so a list cursor built from them matches the indexed column."""
+    so a list cursor built from them matches the indexed column. Whole milliseconds, as most
+    providers and clients use, are written as milliseconds."""
     if moment is None:
         return None
-    moment = moment.astimezone(UTC)
-    if moment.microsecond % 1000 == 0:  # milliseconds, as most providers and clients use
-        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
-    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    text = moment.isoformat(timespec="microseconds")  # 2026-11-25T18:00:00.123456+00:00
+    return text[:23] + "Z" if text.endswith("000+00:00") else text[:26] + "Z"
 
 
 def parse_iso(text: str | None) -> datetime | None:
@@ -68,8 +70,10 @@ def parse_iso(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRef:
+class TaskRef(NamedTuple):
+    """A task's key. A tuple rather than a dataclass: the write batch builds and hashes
+    several per delivery, and a tuple does both in C."""
+
     provider: str
     task_id: str
 
@@ -128,7 +132,11 @@ class Observation:
         return Status.PROCESSING if self.result_missing else self.status
 
 
-@dataclass(frozen=True, slots=True)
+# Not `frozen`: a frozen dataclass sets each of these 25 fields through
+# `object.__setattr__`, which made building a Task 9x slower (3.7 against 0.4 us), and the
+# webhook path builds several per delivery. Treat a Task as immutable all the same: derive
+# a new one with `replace`, never assign to a field.
+@dataclass(slots=True)
 class Task:
     provider: str
     task_id: str
@@ -166,7 +174,11 @@ class Task:
         return self.status.terminal
 
     def replace(self, **changes: Any) -> Task:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (`dataclasses.replace`, at a third of its cost)."""
+        values = list(_TASK_VALUES(self))
+        for name, value in changes.items():
+            values[_TASK_FIELD_INDEX[name]] = value
+        return Task(*values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +203,12 @@ class Task:
             "registered": self.registered,
             "external_task_id": self.external_task_id,
         }
+
+
+_TASK_FIELDS = tuple(task_field.name for task_field in dataclasses.fields(Task))
+_TASK_FIELD_INDEX = {name: index for index, name in enumerate(_TASK_FIELDS)}
+
+_TASK_VALUES = operator.attrgetter(*_TASK_FIELDS)
 
 
 class EventType(enum.StrEnum):

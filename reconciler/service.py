@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from reconciler import schedule
+from reconciler import codec, schedule
 from reconciler.clock import Clock
 from reconciler.config import Settings
 from reconciler.errors import (
@@ -194,7 +194,7 @@ class Service:
         """Pure: what a stored delivery says, as a decision for the store to apply."""
         adapter = self.providers[delivery.provider]
         try:
-            payload = json.loads(delivery.body)
+            payload = codec.loads(delivery.body)
         except RecursionError:
             return Rejected("invalid_json", "the body nests JSON too deeply to be read")
         except ValueError as error:  # includes UnicodeDecodeError

@@ -3,7 +3,6 @@ read a task's events, poll now."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -11,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from reconciler import codec
 from reconciler.api.errors import ApiError
 from reconciler.api.events import MAX_LIMIT, int_param, splice, wait_param
 from reconciler.model import Status, TaskRef
@@ -28,7 +28,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if len(body) > MAX_REGISTRATION_BYTES:
         raise ApiError(413, "payload_too_large", "the registration body is too large")
     try:
-        data = json.loads(body)
+        data = codec.loads(body)
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -17,12 +17,12 @@ shared by every backend: a task is stored as its JSON with a few indexed columns
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from reconciler.codec import dumps, loads
 from reconciler.model import (
     Change,
     Delivery,
@@ -184,7 +184,7 @@ def task_to_json(task: Task, public: str | None = None) -> str:
 
 
 def task_from_json(text: str) -> Task:
-    data: dict[str, Any] = json.loads(text)
+    data: dict[str, Any] = loads(text)
     internal = data.get("internal", {})
     created_at = parse_iso(data["created_at"])
     updated_at = parse_iso(data["updated_at"])
@@ -239,7 +239,3 @@ def event_json(
         "at": iso(at),
     }
     return f'{dumps(head)[:-1]},"task":{task_json}}}'
-
-
-def dumps(data: object) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import aiosqlite
 
+from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
 from reconciler.model import Change, Delivery, Outcome, Task, TaskRef, iso
 from reconciler.store import migrations
@@ -51,7 +51,6 @@ from reconciler.store.base import (
     NewDelivery,
     Rejected,
     Settled,
-    dumps,
     epoch,
     event_json,
     from_epoch,
@@ -457,7 +456,7 @@ class SQLiteStore:
             )
             for did, provider, received_at, headers, body, sha in db.execute(sql, chunk):
                 replayed[did] = NewDelivery(
-                    provider, from_epoch(received_at), json.loads(headers), bytes(body), sha
+                    provider, from_epoch(received_at), loads(headers), bytes(body), sha
                 )
 
         # Interpret what is new (pure), and gather every task key the batch needs.
@@ -691,7 +690,7 @@ class SQLiteStore:
                 did,
                 provider,
                 from_epoch(at),
-                json.loads(headers),
+                loads(headers),
                 bytes(body),
                 sha,
                 Outcome(outcome),
