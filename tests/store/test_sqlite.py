@@ -76,6 +76,47 @@ async def test_edited_migration_is_refused(tmp_path: Path) -> None:
             pass
 
 
+async def test_tasks_survive_the_move_to_a_rowid_table(tmp_path: Path) -> None:
+    """0003 rebuilds `tasks`: a database written before it keeps every task, its events
+    and its poll schedule, and the upsert still finds existing rows by key."""
+    path = tmp_path / "db.sqlite"
+    before = [m for m in migrations.load("sqlite") if m.number < 3]
+    async with SQLiteStore(path) as store:
+        refs = [TaskRef("kling", f"t{n}") for n in range(3)]
+        for ref in refs:
+            await store.apply([ref], creating(ref))
+    with sqlite3.connect(path) as db:  # back to the schema of 0002, rows kept
+        db.executescript(
+            """
+            CREATE TABLE old_tasks (
+                provider TEXT NOT NULL, task_id TEXT NOT NULL, status TEXT NOT NULL,
+                source TEXT NOT NULL, external_task_id TEXT, created_at REAL NOT NULL,
+                updated_at REAL NOT NULL, next_poll_at REAL, version INTEGER NOT NULL,
+                data TEXT NOT NULL, PRIMARY KEY (provider, task_id)) WITHOUT ROWID;
+            INSERT INTO old_tasks SELECT provider, task_id, status, source, external_task_id,
+                created_at, updated_at, next_poll_at, version, data FROM tasks;
+            DROP TABLE tasks;
+            ALTER TABLE old_tasks RENAME TO tasks;
+            CREATE INDEX deliveries_task ON deliveries (provider, task_id);
+            DELETE FROM schema_migrations WHERE number >= 3;
+            """
+        )
+        applied = db.execute("SELECT number, sha256 FROM schema_migrations").fetchall()
+        assert applied == [(m.number, m.sha256) for m in before]
+
+    async with SQLiteStore(path) as store:
+        assert [t.task_id for t in await store.list_tasks(limit=10)] == ["t2", "t1", "t0"]
+        assert len(await store.events_after(0, 10)) == 3
+        assert await store.next_due_at() == NOW + timedelta(seconds=60)
+        result = await store.apply([refs[0]], lambda task: Change(task.replace(version=9), None))
+        assert result.task is not None and result.task.version == 9
+        assert (await store.get_task(refs[0])).version == 9  # type: ignore[union-attr]
+    with sqlite3.connect(path) as db:
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks'").fetchone()[0]
+        assert "WITHOUT ROWID" not in sql
+        assert db.execute("SELECT COUNT(*) FROM tasks").fetchone() == (3,)
+
+
 async def test_group_commit_batches_and_resumes_only_after_commit(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     async with SQLiteStore(path) as store:
