@@ -8,6 +8,8 @@ where things happen. No label ever carries a secret or a task id.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,6 +74,20 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+
+        # The labelled child per (provider, outcome): `labels()` takes a lock and builds a
+        # key on every call, and this one is counted on every webhook.
+        self._delivered: dict[tuple[str, str], Any] = {}
+
+    def delivered(self, provider: str, outcome: str) -> None:
+        """Count one webhook delivery, and its event when it wrote one."""
+        key = (provider, outcome)
+        child = self._delivered.get(key)
+        if child is None:
+            child = self._delivered[key] = self.deliveries.labels(provider, outcome)
+        child.inc()
+        if outcome == "applied":
+            self.events.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +51,7 @@ from reconciler.store.base import (
 logger = logging.getLogger(__name__)
 
 MAX_TASK_ID_LENGTH = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOT_FOUND_ERROR = "not found at provider"
 RESULT_MISSING_ERROR = "the provider reported success but gave no result URL"
 # Headers worth keeping with a delivery: enough to re-verify a signature or trace a sender.
@@ -128,7 +130,7 @@ def valid_task_id(task_id: str) -> str | None:
         return "the task id is empty"
     if len(task_id) > MAX_TASK_ID_LENGTH:
         return f"the task id is longer than {MAX_TASK_ID_LENGTH} characters"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in task_id):
+    if _CONTROL.search(task_id):
         return "the task id contains control characters"
     return None
 
@@ -177,9 +179,7 @@ class Service:
             provider, self.clock.now(), kept, body, hashlib.sha256(body).hexdigest()
         )
         result = await self.store.ingest(delivery, self.interpret)
-        self.metrics.deliveries.labels(provider, result.outcome.value).inc()
-        if result.outcome.value == "applied":
-            self.metrics.events.inc()
+        self.metrics.delivered(provider, result.outcome.value)
         self._nudge(result.task)
         return result
 

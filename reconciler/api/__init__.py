@@ -3,6 +3,8 @@
 Handlers reach the service as `request.app.state.service` and never touch the store or an
 adapter. Bearer auth (`RECONCILER_API_TOKEN`) is a small ASGI middleware that lets
 `/callbacks/*`, `/healthz` and `/readyz` through; callbacks authenticate with their own token.
+`/callbacks/{provider}` is served by `App` itself, ahead of the middleware and the router
+(see `callbacks`); every other route is an ordinary Starlette route.
 """
 
 from __future__ import annotations
@@ -52,9 +54,22 @@ class BearerAuth:
         return False
 
 
+class App(Starlette):
+    """The Starlette application, with the webhook route taken before its middleware."""
+
+    service: Service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            provider = callbacks.provider_in(scope["path"])
+            if provider is not None:
+                await callbacks.receive_callback(self.service, provider, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def routes() -> Sequence[BaseRoute]:
     return [
-        *callbacks.routes,
         *tasks.routes,
         *events.routes,
         *stream.routes,
@@ -63,9 +78,9 @@ def routes() -> Sequence[BaseRoute]:
     ]
 
 
-def create_app(service: Service) -> Starlette:
-    app = Starlette(routes=list(routes()), exception_handlers=HANDLERS)
-    app.state.service = service
+def create_app(service: Service) -> App:
+    app = App(routes=list(routes()), exception_handlers=HANDLERS)
+    app.service = app.state.service = service
     token = service.settings.api_token
     if token is not None:
         app.add_middleware(BearerAuth, token=token.reveal())

@@ -5,52 +5,113 @@ size cap while reading (413, nothing stored), provider signature over the exact 
 then the delivery is committed with its interpretation in one group-committed transaction,
 and only then answered: 200 with the task, or 400 when it could not be read (the delivery
 stays stored with its error for `reconciler replay`). Nothing is logged per request.
+
+This route is a plain ASGI endpoint that `App` calls before Starlette's middleware and
+router: it is the one route under sustained load, and Starlette's request, response and
+routing layers cost more CPU per webhook than everything else on the path but the store
+(docs/benchmarks.md). Errors still leave in the same envelope as everywhere else.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import logging
+from urllib.parse import parse_qsl
 
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
+from reconciler import codec
 from reconciler.api.errors import ApiError, error_response
+from reconciler.errors import SignatureError
 from reconciler.model import Outcome
 from reconciler.service import Service
 
+logger = logging.getLogger(__name__)
 
-async def receive_callback(request: Request) -> Response:
-    service: Service = request.app.state.service
-    provider = request.path_params["provider"]
+PREFIX = "/callbacks/"
+TEMPLATE = "/callbacks/{provider}"  # as the OpenAPI document names it
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The sender closed the connection before its body arrived: nothing to store or answer."""
+
+
+def provider_in(path: str) -> str | None:
+    """The `{provider}` of a `/callbacks/{provider}` path, or None for any other path."""
+    if not path.startswith(PREFIX):
+        return None
+    provider = path[len(PREFIX) :]
+    return provider if provider and "/" not in provider else None
+
+
+async def receive_callback(
+    service: Service, provider: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    try:
+        status, body = await _handle(service, provider, scope, receive)
+    except ClientGone:
+        return
+    except ApiError as error:
+        await error_response(error.status, error.code, error.message, **error.extra)(
+            scope, receive, send
+        )
+        return
+    except SignatureError as error:
+        await error_response(401, "bad_signature", str(error))(scope, receive, send)
+        return
+    except Exception:
+        logger.exception("unhandled error on a %s callback", provider)
+        await error_response(500, "internal_error", "the server failed to handle this request")(
+            scope, receive, send
+        )
+        return
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _handle(
+    service: Service, provider: str, scope: Scope, receive: Receive
+) -> tuple[int, bytes]:
+    if scope["method"] != "POST":
+        raise ApiError(405, "method_not_allowed", "callbacks are sent with POST")
     if service.provider(provider) is None:
-        return error_response(404, "unknown_provider", f"there is no provider {provider!r}")
+        raise ApiError(404, "unknown_provider", f"there is no provider {provider!r}")
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     expected = service.settings.callback_token
     if expected is not None:
-        given = request.query_params.get("token", "")
+        given = _query_param(scope["query_string"], "token") or ""
         if not hmac.compare_digest(given.encode(), expected.reveal().encode()):
-            return error_response(401, "unauthorized", "the callback token is missing or wrong")
-    body = await read_body(request, service.settings.max_body_bytes)
-    service.verify(provider, request.headers, body)
-    result = await service.ingest(provider, request.headers, body)
+            raise ApiError(401, "unauthorized", "the callback token is missing or wrong")
+    body = await read_body(receive, headers.get("content-length"), service.settings.max_body_bytes)
+    service.verify(provider, headers, body)
+    result = await service.ingest(provider, headers, body)
     if result.outcome is Outcome.REJECTED:
         assert result.error is not None
-        return error_response(
-            400, result.error.code, result.error.message, delivery_id=result.delivery_id
-        )
+        raise ApiError(400, result.error.code, result.error.message, delivery_id=result.delivery_id)
     task = result.task_json
     if task is None:
-        task = "null" if result.task is None else json.dumps(result.task.to_json())
+        task = "null" if result.task is None else codec.dumps(result.task.to_json())
     duplicate = "true" if result.duplicate else "false"
     answer = f'{{"delivery_id":{result.delivery_id},"duplicate":{duplicate},"task":{task}}}'
-    return Response(answer.encode(), media_type="application/json")
+    return 200, answer.encode()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def _query_param(query: bytes, name: str) -> str | None:
+    """The last value of `name` in the query string, as Starlette's `query_params` gives."""
+    found = None
+    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if key == name:
+            found = value
+    return found
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be larger than `limit`:
     from `Content-Length` before reading, or while counting a streamed body."""
-    declared = request.headers.get("content-length")
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -59,16 +120,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, "bad_request", "Content-Length is not a number") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
-
-
-routes = [Route("/callbacks/{provider}", receive_callback, methods=["POST"])]

@@ -115,12 +115,14 @@ def task_id_of(value: object, provider: str, field: str = "task_id") -> str:
 
 
 def _video(entry: object) -> Video | None:
-    url = text(dig(entry, "url"))
+    if not isinstance(entry, dict):
+        return None
+    url = text(entry.get("url"))
     if url is None:
         return None
     # Kling's schema has no cover; seed 000 shows `cover_image_url`, so read it when present.
-    cover = text(dig(entry, "cover_image_url")) or text(dig(entry, "cover_url"))
-    return Video(url, cover, number(dig(entry, "duration")), text(dig(entry, "id")))
+    cover = text(entry.get("cover_image_url")) or text(entry.get("cover_url"))
+    return Video(url, cover, number(entry.get("duration")), text(entry.get("id")))
 
 
 def _videos_from(entries: object) -> list[Video]:

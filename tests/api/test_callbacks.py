@@ -352,3 +352,14 @@ def _utc(seconds: int) -> Any:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(seconds, UTC)
+
+
+async def test_other_methods_and_paths_get_the_envelope(served: Served) -> None:
+    wrong_method = await served.client.get("/callbacks/kling", params={"token": TOKEN})
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/callbacks/kling/extra", "/callbacks/", "/callbacks"):
+        response = await served.client.post(path, params={"token": TOKEN}, content=b"{}")
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+    assert await served.runtime.store.deliveries() == []

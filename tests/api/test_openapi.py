@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from starlette.routing import Route
 
-from reconciler.api import openapi, routes
+from reconciler.api import callbacks, openapi, routes
 from reconciler.api.stream import Streams
 from tests.api.live import Live, SSEReader, kling_callback, live_service
 
@@ -65,7 +65,7 @@ def test_document_is_well_formed() -> None:
 
 
 def test_every_route_is_described_and_nothing_else() -> None:
-    served = set()
+    served = {(callbacks.TEMPLATE, "post")}  # served by App itself, ahead of the router
     for route in routes():
         assert isinstance(route, Route)
         template = re.sub(r":\w+}", "}", route.path)
