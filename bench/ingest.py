@@ -209,7 +209,7 @@ def _drain(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_server(kind: str, workdir: Path, pin: bool, bare_loop: str = "asyncio") -> Server:
+def start_server(kind: str, workdir: Path, pin: bool, bare_loop: str = "uvloop") -> Server:
     """Start `durable` or `bare` on 127.0.0.1, port 0; wait for its "listening on" line."""
     log = workdir / f"{kind}.log"
     env = dict(os.environ)
@@ -249,9 +249,9 @@ def start_server(kind: str, workdir: Path, pin: bool, bare_loop: str = "asyncio"
 def serve_bare(loop: str) -> None:
     """The baseline: the same server stack as `reconciler serve`, one trivial route.
 
-    `loop` is `asyncio` (what `reconciler serve` runs today: `asyncio.run`, so uvicorn's
-    `serve()` inherits the standard library's event loop) or `uvloop` (what `uvicorn.run`
-    would pick with `uvicorn[standard]`, and what SPEC §7's "~17k req/s" was measured on).
+    `loop` is `uvloop` (what `reconciler serve` runs, what `uvicorn.run` picks with
+    `uvicorn[standard]`, and what SPEC §7's "~17k req/s" was measured on) or `asyncio`
+    (the standard library's loop, for comparison).
     """
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -611,7 +611,7 @@ class Options:
     threads: int
     half_load: bool
     pin: bool
-    bare_loop: str = "asyncio"
+    bare_loop: str = "uvloop"
 
 
 @contextlib.contextmanager
@@ -767,7 +767,7 @@ def describe(options: Options) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["_bare"]:
-        serve_bare(args[1] if len(args) > 1 else "asyncio")
+        serve_bare(args[1] if len(args) > 1 else "uvloop")
         return
     if args[:1] == ["_openloop"]:
         url, rate, seconds, connections = args[1:5]
@@ -787,6 +787,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="uvloop",
         help="event loop of the bare server (default uvloop, as `reconciler serve` runs)",
     )
+    parser.add_argument(
+        "--half-load-rate",
+        type=float,
+        help="skip the pairs; run only the open-loop latency run, at this many req/s",
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 pair of 2 s")
     ns = parser.parse_args(args)
     if ns.quick:
@@ -802,6 +807,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         pin=pin,
         bare_loop=ns.bare_loop,
     )
+    if ns.half_load_rate:
+        half_load(ns.half_load_rate, options)
+        return
     benchmark(options)
 
 
