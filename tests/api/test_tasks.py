@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.model import parse_iso
 from tests.conftest import Served, StartService
 
 
@@ -90,8 +91,10 @@ async def test_list_pages_by_cursor_newest_first_without_gaps(served: Served) ->
         if cursor is None:
             break
     assert sorted(t["task_id"] for t in seen) == ids
-    created = [t["created_at"] for t in seen]
-    assert created == sorted(created, reverse=True)
+    # Compared as instants: "…05.123Z" (a whole millisecond) is earlier than "…05.123456Z",
+    # though it sorts after it as text.
+    created = [parse_iso(t["created_at"]) for t in seen]
+    assert created == sorted(created, reverse=True)  # type: ignore[type-var]
     by_status = (await served.client.get("/tasks", params={"status": "completed"})).json()
     assert by_status == {"tasks": [], "next_cursor": None}
 
