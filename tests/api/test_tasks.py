@@ -94,7 +94,7 @@ async def test_list_pages_by_cursor_newest_first_without_gaps(served: Served) ->
     # Compared as instants: "…05.123Z" (a whole millisecond) is earlier than "…05.123456Z",
     # though it sorts after it as text.
     created = [parse_iso(t["created_at"]) for t in seen]
-    assert created == sorted(created, reverse=True)  # type: ignore[type-var]
+    assert created == sorted(created, reverse=True)
     by_status = (await served.client.get("/tasks", params={"status": "completed"})).json()
     assert by_status == {"tasks": [], "next_cursor": None}
 
