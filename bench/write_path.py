@@ -10,7 +10,9 @@ Kling callbacks (the same ~1.5 KB body as bench/ingest.py, a unique task id each
 - the event loop thread's CPU per delivery (interpreting, rules, encoding, statements);
 - the whole process's CPU per delivery (adds the writer thread: COMMIT, WAL writes, fsync);
 - transactions and the mean batch, so the per-transaction and per-delivery costs can be
-  told apart: more concurrent callers make bigger batches.
+  told apart: more concurrent callers make bigger batches;
+- WAL written per delivery (frames of page size + 24 bytes, as counted at the writer's
+  checkpoints): a transaction rewrites every page it touched, so small batches write more.
 
 The machine is noisy: compare runs made back to back, and several of them.
 
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import sqlite3
 import sys
 import tempfile
 import time
@@ -64,12 +68,18 @@ async def run(count: int, callers: int, run_number: int) -> str:
             wall = time.perf_counter() - wall
             thread = time.thread_time() - thread
             process = time.process_time() - process
-            commits = runtime.store.stats.commits - commits_before
+            stats = runtime.store.stats
+            commits = stats.commits - commits_before
+            # WAL written per commit, over the commits up to the last checkpoint.
+            frames_per_commit = stats.wal_frames / max(stats.checkpointed_commits, 1)
+            with contextlib.closing(sqlite3.connect(Path(tmp, "r.db"))) as db:
+                [(page_size,)] = db.execute("PRAGMA page_size").fetchall()
     return (
         f"C={callers:<3d} {count / wall:7.0f} deliveries/s   "
         f"loop thread {1e6 * thread / count:6.1f} us   "
         f"process {1e6 * process / count:6.1f} us per delivery   "
-        f"{commits} transactions, mean batch {count / commits:5.1f}"
+        f"{commits} transactions, mean batch {count / commits:5.1f}, "
+        f"WAL {frames_per_commit * (page_size + 24) / 1024 * commits / count:5.1f} KiB per delivery"
     )
 
 

@@ -145,6 +145,10 @@ class WriterStats:
     commits: int = 0
     operations: int = 0
     largest_batch: int = 0
+    # WAL frames (one page each) found at checkpoints: since each checkpoint starts the WAL
+    # over, their sum is what the commits wrote, up to the last checkpoint.
+    wal_frames: int = 0
+    checkpointed_commits: int = 0
 
 
 class _Batch:
@@ -372,6 +376,8 @@ class SQLiteStore:
         started = time.perf_counter()
         try:
             _, wal_pages, _ = await loop.run_in_executor(self._executor, _checkpoint_passive, db)
+            self.stats.wal_frames += wal_pages
+            self.stats.checkpointed_commits = self.stats.commits
             if wal_pages >= self.wal_reset_pages:
                 await loop.run_in_executor(self._executor, _checkpoint_truncate, db)
         except Exception:
