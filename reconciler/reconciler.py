@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,6 +93,9 @@ class _Lane:
     limits: ProviderLimits
     auth: httpx.Auth | None = None
     client: httpx.AsyncClient | None = None
+    # Batches whose slot has come but whose provider has all its exchanges in flight, in
+    # arrival order: each exchange that ends wakes the first one still waiting.
+    room_waiters: deque[asyncio.Event] = field(default_factory=deque)
 
 
 @dataclass
@@ -348,10 +351,19 @@ class Reconciler:
                 if self._stop.is_set():
                     report.abandoned += len(batch)
                     return
+                wake.clear()
                 now = self.clock.now()
                 if limits.start(now):
                     break
-                when = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
+                ready = limits.ready_at(now)
+                if ready is None and now < give_up:
+                    # Only the concurrency limit is in the way: wait for an exchange to end
+                    # rather than asking again on a timer (thousands of batches asking
+                    # every 1/rate seconds took a sixth of the loop's CPU).
+                    lane.room_waiters.append(wake)
+                    when = give_up
+                    continue
+                when = ready or after(now, 1 / limits.bucket.rate)
                 if when > give_up or limits.held_until(now) is not None:
                     report.deferred += len(batch)
                     await self.service.defer(batch, when)
@@ -361,6 +373,14 @@ class Reconciler:
         report.batches += 1
         report.dispatched += len(batch)
         await self._poll_batch(lane, batch, report)
+
+    def _wake_one(self, lane: _Lane) -> None:
+        """An exchange ended: the first batch still waiting for room may try to start."""
+        while lane.room_waiters:
+            wake = lane.room_waiters.popleft()
+            if wake in self._slot_waiters and not wake.is_set():
+                wake.set()
+                return
 
     # --- one batch ---------------------------------------------------------------------
 
@@ -441,6 +461,7 @@ class Reconciler:
             now = self.clock.now()
             until = lane.limits.finish(now, outcome, retry_after=retry_after, reason=reason)
             self._publish(lane, now)
+            self._wake_one(lane)
         if until is not None:
             # The tasks of the exchange that hit the limit wait exactly as long as the
             # provider does; the schedule's backoff would be a guess.
