@@ -75,7 +75,10 @@ class Simulator:
         self.delivery_concurrency = delivery_concurrency
         self.record_callback_bodies = record_callback_bodies
         self._url: str | None = None
-        self._client: httpx.AsyncClient | None = None
+        # One client per concurrent delivery, each keeping a single connection: httpx checks
+        # every pooled connection on every request, so one shared pool of 16 spent about
+        # half of the simulator's CPU on those checks (py-spy, bench/reconcile.py).
+        self._clients: asyncio.Queue[httpx.AsyncClient] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._delivery: asyncio.Task[None] | None = None
@@ -106,7 +109,16 @@ class Simulator:
         # A pre-bound, listening socket needs no readiness wait: connections queue in its
         # backlog until uvicorn has started.
         serving = asyncio.create_task(server.serve(sockets=[sock]))
-        self._client = httpx.AsyncClient(timeout=self.callback_timeout_seconds)
+        clients = [
+            httpx.AsyncClient(
+                timeout=self.callback_timeout_seconds,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            )
+            for _ in range(self.delivery_concurrency)
+        ]
+        self._clients = asyncio.Queue()
+        for client in clients:
+            self._clients.put_nowait(client)
         self._url = f"http://127.0.0.1:{port}"
         self._stopping = False
         self._wake = asyncio.Event()  # one per serve(): an Event belongs to one event loop
@@ -120,8 +132,9 @@ class Simulator:
                 server.should_exit = True
                 await serving
                 sock.close()
-                await self._client.aclose()
-                self._client = None
+                self._clients = None
+                for client in clients:
+                    await client.aclose()
                 self._url = None
 
     async def _stop_delivery(self) -> None:
@@ -233,12 +246,10 @@ class Simulator:
         by_task: dict[int, list[PendingCallback]] = {}
         for callback in due:
             by_task.setdefault(id(callback.task), []).append(callback)
-        limit = asyncio.Semaphore(self.delivery_concurrency)
 
         async def deliver_in_order(callbacks: list[PendingCallback]) -> None:
-            async with limit:
-                for callback in callbacks:
-                    await self._deliver(callback)
+            for callback in callbacks:
+                await self._deliver(callback)
 
         async with asyncio.TaskGroup() as group:
             for callbacks in by_task.values():
@@ -265,14 +276,19 @@ class Simulator:
         return copies
 
     async def _post(self, url: str, body: bytes) -> tuple[int | None, str | None]:
-        if self._client is None:
+        """POST on a free client; at most `delivery_concurrency` are in flight."""
+        clients = self._clients
+        if clients is None:
             raise RuntimeError("callbacks are sent only while the Simulator is serving")
+        client = await clients.get()
         try:
-            response = await self._client.post(
+            response = await client.post(
                 url, content=body, headers={"Content-Type": "application/json"}
             )
         except httpx.HTTPError as exc:  # a receiver that is down is recorded, not raised
             return None, f"{type(exc).__name__}: {exc}"
+        finally:
+            clients.put_nowait(client)
         return response.status_code, None
 
     def _record(
