@@ -17,17 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 
-from reconciler.api import create_app
 from reconciler.api.stream import Streams, close_streams
-from reconciler.clock import SystemClock
 from reconciler.config import Settings
-from reconciler.feed import Feed
-from reconciler.providers import PROVIDERS
+from reconciler.runtime import bind, open_runtime, server_for
 from reconciler.service import Service
-from reconciler.store.sqlite import SQLiteStore
 
 
 @dataclass
@@ -51,30 +46,26 @@ async def live_service(
     streams: Streams | None = None,
     send_buffer: int | None = None,
 ) -> AsyncIterator[Live]:
-    """`send_buffer` sets SO_SNDBUF on the listening socket (accepted ones inherit it), so a
-    client that stops reading fills the server's buffers with little data."""
+    """The service as `reconciler serve` assembles it (`runtime.open_runtime`, `bind`,
+    `server_for`), with the streams' settings given. `send_buffer` sets SO_SNDBUF on the
+    listening socket (accepted ones inherit it), so a client that stops reading fills the
+    server's buffers with little data."""
     settings = Settings.from_environ(
         {"RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite", **(environ or {})}
     )
-    feed = Feed()
-    async with SQLiteStore(tmp_path / "db.sqlite", on_commit=feed.publish) as store:
-        providers = {name: cls(settings.providers[name]) for name, cls in PROVIDERS.items()}
-        service = Service(settings, store, providers, SystemClock(), feed)
-        app = create_app(service)
+    async with open_runtime(settings) as runtime:
+        app = runtime.app
         app.state.streams = streams or Streams()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = bind("127.0.0.1", 0)
         if send_buffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        host, port = sock.getsockname()
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", log_config=None)
-        server = uvicorn.Server(config)
+        server = server_for(app)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
+        host, port = sock.getsockname()[:2]
         url = f"http://{host}:{port}"
         try:
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                yield Live(service, app, url, client, sock)
+                yield Live(runtime.service, app, url, client, sock)
         finally:
             # uvicorn waits for open responses on shutdown: end the streams first.
             close_streams(app)
