@@ -30,6 +30,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-callback-bodies", action="store_true", help="do not keep sent bodies (memory)"
     )
+    parser.add_argument(
+        "--callback-concurrency",
+        type=int,
+        default=16,
+        metavar="N",
+        help="callbacks in flight at once (default 16)",
+    )
     return parser.parse_args(argv)
 
 
@@ -41,6 +48,7 @@ async def run(args: argparse.Namespace) -> None:
         finish_after=args.finish_after,
         fail_rate=args.fail_rate,
         record_callback_bodies=not args.no_callback_bodies,
+        delivery_concurrency=args.callback_concurrency,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
