@@ -26,7 +26,8 @@ What it measures (SPEC §7, "100,000 tracked non-terminal tasks" and "Provider c
 How it runs. Three processes, each bounded in time:
 
 * the simulator, `python -m reconciler.simulator --no-callback-bodies --faults
-  '{"drop": 0.1}'` (its own process: its memory and CPU are not the service's);
+  '{"drop": 0.1}' --callback-concurrency 64` (its own process: its memory and CPU are not
+  the service's; up to 64 callbacks in flight, as a provider's many workers would send);
 * the service, `python -m reconciler serve --host 127.0.0.1 --port 0` with the simulator's
   environment (base URLs, credentials), a fresh SQLite database in a temporary directory, a
   callback token, and the timing variables below;
