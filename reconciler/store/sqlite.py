@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 KEYS_PER_QUERY = 400  # (provider, task_id) pairs per IN (...) lookup
-CHECKPOINT_EVERY = 32  # commits; see `_checkpoint`
+CHECKPOINT_EVERY = 64  # commits; see `_checkpoint`
 WAL_RESET_PAGES = 16_384  # 64 MiB of 4 KiB pages
 BUSY_TIMEOUT_MS = 5000
 
@@ -364,9 +364,10 @@ class SQLiteStore:
         connection) never catches up with the end of the WAL, so the WAL is never started
         over; it grows until something resets it, and that reset stalls every write behind
         it. Here nothing writes meanwhile, so a passive checkpoint copies every frame and the
-        next write starts the WAL over. Measured at 1,100 webhooks/s (bench/ingest.py
-        --half-load-rate 1100): p99 12-32 ms with this every 32 commits, against 52-64 ms
-        with a checkpoint every 256 commits on another connection (38-45 ms every 16-64).
+        next write starts the WAL over. Webhook p99 at 1,200/s (bench/ingest.py
+        --half-load-rate 1200, 8 s a run): 13.9-30.2 ms in 8 runs with this every 64 commits,
+        11.6-74.8 ms in 5 runs every 32, 27.4-32.5 ms in 3 runs every 128; 52-64 ms (at
+        1,100/s) with a checkpoint every 256 commits on another connection, as before.
         Only a reader holding an old snapshot can keep frames back; past `wal_reset_pages`
         the WAL is then truncated, waiting for that reader.
         """
