@@ -57,13 +57,12 @@ class BearerAuth:
 class App(Starlette):
     """The Starlette application, with the webhook route taken before its middleware."""
 
-    service: Service
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             provider = callbacks.provider_in(scope["path"])
             if provider is not None:
-                await callbacks.receive_callback(self.service, provider, scope, receive, send)
+                service: Service = self.state.service
+                await callbacks.receive_callback(service, provider, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -80,7 +79,7 @@ def routes() -> Sequence[BaseRoute]:
 
 def create_app(service: Service) -> App:
     app = App(routes=list(routes()), exception_handlers=HANDLERS)
-    app.service = app.state.service = service
+    app.state.service = service
     token = service.settings.api_token
     if token is not None:
         app.add_middleware(BearerAuth, token=token.reveal())

@@ -15,18 +15,14 @@ routing layers cost more CPU per webhook than everything else on the path but th
 from __future__ import annotations
 
 import hmac
-import logging
 from urllib.parse import parse_qsl
 
+from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from reconciler import codec
-from reconciler.api.errors import ApiError, error_response
-from reconciler.errors import SignatureError
+from reconciler.api.errors import ApiError, render_error
 from reconciler.model import Outcome
 from reconciler.service import Service
-
-logger = logging.getLogger(__name__)
 
 PREFIX = "/callbacks/"
 TEMPLATE = "/callbacks/{provider}"  # as the OpenAPI document names it
@@ -49,31 +45,20 @@ async def receive_callback(
     service: Service, provider: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
     try:
-        status, body = await _handle(service, provider, scope, receive)
+        body = await _handle(service, provider, scope, receive)
     except ClientGone:
         return
-    except ApiError as error:
-        await error_response(error.status, error.code, error.message, **error.extra)(
-            scope, receive, send
-        )
-        return
-    except SignatureError as error:
-        await error_response(401, "bad_signature", str(error))(scope, receive, send)
-        return
-    except Exception:
-        logger.exception("unhandled error on a %s callback", provider)
-        await error_response(500, "internal_error", "the server failed to handle this request")(
-            scope, receive, send
-        )
+    except Exception as error:
+        response = await render_error(Request(scope), error)
+        await response(scope, receive, send)
         return
     headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _handle(
-    service: Service, provider: str, scope: Scope, receive: Receive
-) -> tuple[int, bytes]:
+async def _handle(service: Service, provider: str, scope: Scope, receive: Receive) -> bytes:
+    """The 200 answer's body; any other answer is raised, and rendered by `render_error`."""
     if scope["method"] != "POST":
         raise ApiError(405, "method_not_allowed", "callbacks are sent with POST")
     if service.provider(provider) is None:
@@ -92,12 +77,10 @@ async def _handle(
     if result.outcome is Outcome.REJECTED:
         assert result.error is not None
         raise ApiError(400, result.error.code, result.error.message, delivery_id=result.delivery_id)
-    task = result.task_json
-    if task is None:
-        task = "null" if result.task is None else codec.dumps(result.task.to_json())
+    task = result.task_json or "null"
     duplicate = "true" if result.duplicate else "false"
     answer = f'{{"delivery_id":{result.delivery_id},"duplicate":{duplicate},"task":{task}}}'
-    return 200, answer.encode()
+    return answer.encode()
 
 
 def _query_param(query: bytes, name: str) -> str | None:

@@ -79,6 +79,17 @@ async def unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "the server failed to handle this request")
 
 
+async def render_error(request: Request, exc: Exception) -> Response:
+    """The response `HANDLERS` give for `exc`, its most specific class first: for an
+    endpoint that runs ahead of Starlette's exception middleware (`callbacks`)."""
+    for cls in type(exc).__mro__:
+        handler = HANDLERS.get(cls)
+        if handler is not None:
+            response: Response = await handler(request, exc)
+            return response
+    raise exc  # not an Exception: nothing to render
+
+
 HANDLERS: dict[Any, Any] = {
     ApiError: api_error,
     HTTPException: http_error,

@@ -77,7 +77,7 @@ class Simulator:
         self._url: str | None = None
         # One client per concurrent delivery, each keeping a single connection: httpx checks
         # every pooled connection on every request, so one shared pool of 16 spent about
-        # half of the simulator's CPU on those checks (py-spy, bench/reconcile.py).
+        # 40% of the simulator's CPU on those checks (py-spy, bench/reconcile.py).
         self._clients: asyncio.Queue[httpx.AsyncClient] | None = None
         self._wake = asyncio.Event()
         self._stopping = False

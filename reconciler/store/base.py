@@ -74,7 +74,7 @@ class IngestResult:
     outcome: Outcome
     task: Task | None = None
     error: Rejected | None = None
-    task_json: str | None = None  # `task` already encoded, when the batch encoded it
+    task_json: str | None = None  # `task` as SPEC §2's JSON object (None with no task)
 
     @property
     def duplicate(self) -> bool:

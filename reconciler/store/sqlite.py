@@ -30,7 +30,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -146,9 +146,10 @@ class WriterStats:
     operations: int = 0
     largest_batch: int = 0
     # WAL frames (one page each) found at checkpoints: since each checkpoint starts the WAL
-    # over, their sum is what the commits wrote, up to the last checkpoint.
+    # over, their sum is what the commits wrote up to the last checkpoint (a failed one's
+    # frames are not counted; it is logged).
     wal_frames: int = 0
-    checkpointed_commits: int = 0
+    checkpointed_commits: int = 0  # commits when the last checkpoint ran
 
 
 class _Batch:
@@ -165,10 +166,14 @@ class _Batch:
         self.public: dict[TaskRef, str] = {}  # each dirty task's JSON, encoded once
 
     def json_of(self, task: Task | None) -> str | None:
-        """The JSON text encoded for `task` in this batch, if it is the latest version."""
-        if task is None or self.tasks.get(task.ref) is not task:
+        """`task`'s public JSON: as this batch encoded it when it wrote this version, else
+        encoded now (a duplicate's task, unchanged)."""
+        if task is None:
             return None
-        return self.public.get(task.ref)
+        encoded = self.public.get(task.ref)
+        if encoded is not None and self.tasks.get(task.ref) is task:
+            return encoded
+        return public_json(task)
 
     def pick(self, candidates: Sequence[TaskRef]) -> tuple[TaskRef, Task | None]:
         for ref in candidates:
@@ -226,7 +231,6 @@ class SQLiteStore:
         self._all_readers: list[aiosqlite.Connection] = []
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
-        self._checkpointed_at = 0  # stats.commits at the last checkpoint
         self._closing = False
         self._opened = False
         self._next_seq = 1
@@ -353,8 +357,8 @@ class SQLiteStore:
                     ops.append(op)
             if ops:
                 await self._run(ops)
-            if self.stats.commits - self._checkpointed_at >= self.checkpoint_every:
-                self._checkpointed_at = self.stats.commits
+            if self.stats.commits - self.stats.checkpointed_commits >= self.checkpoint_every:
+                self.stats.checkpointed_commits = self.stats.commits
                 await self._checkpoint()
 
     async def _checkpoint(self) -> None:
@@ -376,9 +380,8 @@ class SQLiteStore:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            _, wal_pages, _ = await loop.run_in_executor(self._executor, _checkpoint_passive, db)
+            wal_pages = await loop.run_in_executor(self._executor, _checkpoint_passive, db)
             self.stats.wal_frames += wal_pages
-            self.stats.checkpointed_commits = self.stats.commits
             if wal_pages >= self.wal_reset_pages:
                 await loop.run_in_executor(self._executor, _checkpoint_truncate, db)
         except Exception:
@@ -559,7 +562,7 @@ class SQLiteStore:
                     op.delivery_id,
                 )
             )
-            return IngestResult(op.delivery_id, outcome, task, error)
+            return IngestResult(op.delivery_id, outcome, task, error, batch.json_of(task))
         return None  # leases run after the batch's other writes
 
     def _settle(
@@ -757,26 +760,30 @@ def _commit(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
-def _begin_waiting(db: sqlite3.Connection) -> None:
+@contextlib.contextmanager
+def _waiting(db: sqlite3.Connection) -> Iterator[None]:
+    """The writer's busy timeout, for statements that may wait (on the writer thread only)."""
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     try:
-        db.execute("BEGIN IMMEDIATE")
+        yield
     finally:
         db.execute("PRAGMA busy_timeout=0")
 
 
-def _checkpoint_passive(db: sqlite3.Connection) -> tuple[int, int, int]:
-    """(busy, frames in the WAL, frames copied), as `PRAGMA wal_checkpoint` reports them."""
-    busy, wal_pages, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    return busy, wal_pages, copied
+def _begin_waiting(db: sqlite3.Connection) -> None:
+    with _waiting(db):
+        db.execute("BEGIN IMMEDIATE")
+
+
+def _checkpoint_passive(db: sqlite3.Connection) -> int:
+    """The frames the WAL held, all of them copied unless a reader kept some back."""
+    row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # (busy, in WAL, copied)
+    return int(row[1])
 
 
 def _checkpoint_truncate(db: sqlite3.Connection) -> None:
-    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    try:
+    with _waiting(db):
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    finally:
-        db.execute("PRAGMA busy_timeout=0")
 
 
 def _statements(sql: str) -> list[str]:
