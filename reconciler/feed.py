@@ -1,25 +1,61 @@
-"""The in-process notification that an event was written: long-polls and SSE streams wait
-on it instead of polling the database. The store calls `publish(last_seq)` after each commit
-that wrote events; readers call `wait(after, timeout)`.
+"""What a commit tells the rest of the process, without anyone polling the database.
 
-With several replicas on PostgreSQL, a LISTEN bridge will call `publish` too.
+The store reports each write transaction it committed as a `Commit` (the log's head, how
+many events it appended, the earliest poll time it wrote). `Feed.publish(commit)` then:
+
+- wakes readers waiting for events after some seq (long-polls, SSE) or for any commit (a
+  caller waiting for one task to change, e.g. "poll now");
+- tells the reconciler loop's `Alarm` that a poll may now be due earlier than the loop
+  planned to look, so a registration or webhook never waits for the loop's next pass.
+
+With several replicas on PostgreSQL, the LISTEN bridge publishes the other replicas' commits
+here too: the notification is only a wake-up, the database stays the truth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    last_seq: int  # the log's head after this commit
+    events: int = 0  # events this commit appended
+    earliest_due: datetime | None = None  # the earliest `next_poll_at` it wrote, if any
+
+
+class Alarm:
+    """The reconciler loop's wake-up. Anyone may say "a poll is due at `when`"; it rings
+    when that is before the loop's next look at the schedule (`next_look`, which the loop
+    sets: None while it is about to read the schedule, so that any new time rings)."""
+
+    def __init__(self) -> None:
+        self.rung = asyncio.Event()
+        self.next_look: datetime | None = None
+
+    def due(self, when: datetime | None) -> None:
+        if when is not None and (self.next_look is None or when < self.next_look):
+            self.rung.set()
+
+    def ring(self) -> None:
+        self.rung.set()
 
 
 class Feed:
     def __init__(self, last_seq: int = 0) -> None:
         self.last_seq = last_seq
+        self.commits = 0  # commits published so far (a generation, for `wait_commit`)
+        self.alarm = Alarm()
         self._changed = asyncio.Event()
 
-    def publish(self, last_seq: int) -> None:
-        if last_seq <= self.last_seq:
-            return
-        self.last_seq = last_seq
+    def publish(self, commit: Commit) -> None:
+        self.commits += 1
+        if commit.last_seq > self.last_seq:
+            self.last_seq = commit.last_seq
+        self.alarm.due(commit.earliest_due)
         # Wake everyone waiting now, and give later waiters a fresh event to wait on.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -31,3 +67,12 @@ class Feed:
                 while self.last_seq <= after:
                     await self._changed.wait()
         return self.last_seq > after
+
+    async def wait_commit(self, seen: int, seconds: float) -> bool:
+        """Wait until a commit after generation `seen` (a `commits` value read earlier) or
+        until `seconds` pass; True if there was one."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self.commits <= seen:
+                    await self._changed.wait()
+        return self.commits > seen

@@ -80,14 +80,12 @@ class Metrics:
         self._delivered: dict[tuple[str, str], Any] = {}
 
     def delivered(self, provider: str, outcome: str) -> None:
-        """Count one webhook delivery, and its event when it wrote one."""
+        """Count one webhook delivery."""
         key = (provider, outcome)
         child = self._delivered.get(key)
         if child is None:
             child = self._delivered[key] = self.deliveries.labels(provider, outcome)
         child.inc()
-        if outcome == "applied":
-            self.events.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,7 +24,7 @@ from reconciler.api import create_app
 from reconciler.api.stream import close_streams
 from reconciler.clock import Clock, SystemClock
 from reconciler.config import Settings
-from reconciler.feed import Feed
+from reconciler.feed import Commit, Feed
 from reconciler.metrics import Metrics
 from reconciler.providers import PROVIDERS, Provider
 from reconciler.reconciler import Reconciler
@@ -54,10 +54,16 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     clock = clock or SystemClock()
     feed = Feed()
-    async with open_store(settings.database_url, on_commit=feed.publish) as store:
-        feed.publish(await store.last_seq())
+    metrics = Metrics()
+
+    def on_commit(commit: Commit) -> None:
+        metrics.events.inc(commit.events)
+        feed.publish(commit)
+
+    async with open_store(settings.database_url, on_commit=on_commit) as store:
+        feed.publish(Commit(await store.last_seq()))
         providers = build_providers(settings, clock)
-        service = Service(settings, store, providers, clock, feed, Metrics(), rng)
+        service = Service(settings, store, providers, clock, feed, metrics, rng)
         async with Reconciler(service, providers, clock) as reconciler:
             service.poller = reconciler.poll_task
             yield Runtime(settings, store, feed, service, reconciler, create_app(service))

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
-from reconciler.feed import Feed
+from reconciler.feed import Commit, Feed
 from reconciler.limits import BreakerState
 from reconciler.model import Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PROVIDERS, PollResult
@@ -131,7 +131,7 @@ async def harness(
     settings = Settings.from_environ(environ)
     feed = Feed()
     async with SQLiteStore(tmp_path / db, on_commit=feed.publish) as store:
-        feed.publish(await store.last_seq())
+        feed.publish(Commit(await store.last_seq()))
         providers = {name: cls(settings.providers[name], clock) for name, cls in PROVIDERS.items()}
         service = Service(settings, store, providers, clock, feed, rng=random.Random(0))
         if sink is not None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from reconciler.errors import ConfigError
+from reconciler.feed import Commit
 from reconciler.store.base import Store
 
 
-def open_store(url: str, on_commit: Callable[[int], None] | None = None) -> Store:
+def open_store(url: str, on_commit: Callable[[Commit], None] | None = None) -> Store:
     """An unopened store for `url`; use it as `async with open_store(url) as store:`."""
     if url.startswith("sqlite:///"):
         from reconciler.store.sqlite import SQLiteStore

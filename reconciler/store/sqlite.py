@@ -41,6 +41,7 @@ import aiosqlite
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
+from reconciler.feed import Commit
 from reconciler.model import Change, Delivery, Outcome, Task, TaskRef, iso
 from reconciler.store import migrations
 from reconciler.store.base import (
@@ -216,7 +217,7 @@ class SQLiteStore:
         path: str | Path,
         *,
         readers: int = 2,
-        on_commit: Callable[[int], None] | None = None,
+        on_commit: Callable[[Commit], None] | None = None,
         checkpoint_every: int = CHECKPOINT_EVERY,
         wal_reset_pages: int = WAL_RESET_PAGES,
     ) -> None:
@@ -389,9 +390,8 @@ class SQLiteStore:
         logger.debug("checkpoint took %.1f ms", (time.perf_counter() - started) * 1000)
 
     async def _run(self, ops: list[_Op]) -> None:
-        seq_before = self._next_seq
         try:
-            results = await self._transaction(ops)
+            results, commit = await self._transaction(ops)
         except Exception as error:
             logger.exception("write transaction of %d operations failed", len(ops))
             failure = (
@@ -404,8 +404,8 @@ class SQLiteStore:
         self.stats.commits += 1
         self.stats.operations += len(ops)
         self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
-        if self._on_commit is not None and self._next_seq > seq_before:
-            self._on_commit(self._next_seq - 1)
+        if self._on_commit is not None and commit is not None:
+            self._on_commit(commit)
         for op, result in zip(ops, results, strict=True):
             if op.future.done():
                 continue
@@ -414,7 +414,7 @@ class SQLiteStore:
             else:
                 op.future.set_result(result)
 
-    async def _transaction(self, ops: list[_Op]) -> list[object]:
+    async def _transaction(self, ops: list[_Op]) -> tuple[list[object], Commit | None]:
         """One batch: statements on the event loop's thread, COMMIT on the writer thread.
 
         Everything before COMMIT touches only SQLite's page cache (microseconds a row), so
@@ -438,15 +438,15 @@ class SQLiteStore:
             # keeps its statement open, and COMMIT refuses to run while one is.
             [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
             self._next_seq, self._next_delivery_id = last_seq + 1, last_delivery + 1
-            results = self._batch(db, ops)
+            results, commit = self._batch(db, ops)
             await loop.run_in_executor(self._executor, _commit, db)
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise
-        return results
+        return results, commit
 
-    def _batch(self, db: sqlite3.Connection, ops: list[_Op]) -> list[object]:
+    def _batch(self, db: sqlite3.Connection, ops: list[_Op]) -> tuple[list[object], Commit | None]:
         batch = _Batch(self)
         ingests = [op for op in ops if isinstance(op, _Ingest)]
         replays = [op for op in ops if isinstance(op, _Replay)]
@@ -521,10 +521,18 @@ class SQLiteStore:
             db.executemany(_INSERT_EVENT, batch.events)
         if batch.delivery_updates:
             db.executemany(_UPDATE_DELIVERY, batch.delivery_updates)
+        due = [task.next_poll_at for task in batch.dirty.values() if task.next_poll_at]
+        wrote = bool(batch.deliveries or batch.dirty or batch.delivery_updates)
         for index, op in enumerate(ops):
             if isinstance(op, _Lease):
-                results[index] = self._lease(db, op)
-        return results
+                leased = self._lease(db, op)
+                results[index] = leased
+                if leased:
+                    wrote = True
+                    due.append(op.now + timedelta(seconds=op.lease_seconds))
+        if not wrote:
+            return results, None
+        return results, Commit(self._next_seq - 1, len(batch.events), min(due, default=None))
 
     def _run_op(self, batch: _Batch, op: _Op, plan: object) -> object:
         if isinstance(op, _Apply):
