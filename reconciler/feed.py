@@ -1,7 +1,7 @@
 """What a commit tells the rest of the process, without anyone polling the database.
 
-The store reports each write transaction it committed as a `Commit` (the log's head, how
-many events it appended, the earliest poll time it wrote). `Feed.publish(commit)` then:
+The store reports each write transaction it committed as a `model.Commit` (the log's
+head, how many events it appended, the earliest poll time it wrote). `Feed.publish(commit)` then:
 
 - wakes readers waiting for events after some seq (long-polls, SSE) or for any commit (a
   caller waiting for one task to change, e.g. "poll now");
@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
 from datetime import datetime
 
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    last_seq: int  # the log's head after this commit
-    events: int = 0  # events this commit appended
-    earliest_due: datetime | None = None  # the earliest `next_poll_at` it wrote, if any
+from reconciler.model import Commit
 
 
 class Alarm:

@@ -54,9 +54,8 @@ class Source(enum.StrEnum):
 
 
 def iso(moment: datetime | None) -> str | None:
-    """RFC 3339 UTC with a `Z`, to the microsecond: a stored task's times read back exactly,
-    so a list cursor built from them matches the indexed column. Whole milliseconds, as most
-    providers and clients use, are written as milliseconds."""
+    """RFC 3339 UTC with a `Z` and a fixed six-digit fraction (SPEC §2), so that as text
+    times sort in time order, and a stored task's times read back exactly."""
     if moment is None:
         return None
     return _iso(moment)
@@ -69,10 +68,8 @@ def iso(moment: datetime | None) -> str | None:
 def _iso(moment: datetime) -> str:
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    text = moment.isoformat()  # 2026-11-25T18:00:00.123456+00:00, or without the fraction
-    if moment.microsecond == 0:
-        return text[:19] + ".000Z"
-    return text[:23] + "Z" if moment.microsecond % 1000 == 0 else text[:26] + "Z"
+    # 2026-11-25T18:00:00.123000+00:00: the fraction is written even when it is zero.
+    return moment.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def parse_iso(text: str | None) -> datetime | None:
@@ -294,3 +291,12 @@ class Delivery:
     outcome: Outcome
     error: str | None = None
     task_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What one write transaction committed, as the store reports it (see `feed.py`)."""
+
+    last_seq: int  # the log's head after this commit (0 when it appended no event)
+    events: int = 0  # events this commit appended
+    earliest_due: datetime | None = None  # the earliest `next_poll_at` it wrote, if any

@@ -24,8 +24,9 @@ from reconciler.api import create_app
 from reconciler.api.stream import close_streams
 from reconciler.clock import Clock, SystemClock
 from reconciler.config import Settings
-from reconciler.feed import Commit, Feed
+from reconciler.feed import Feed
 from reconciler.metrics import Metrics
+from reconciler.model import Commit
 from reconciler.providers import PROVIDERS, Provider
 from reconciler.reconciler import Reconciler
 from reconciler.service import Service

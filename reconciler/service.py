@@ -18,7 +18,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from reconciler import codec, schedule
@@ -34,7 +34,17 @@ from reconciler.errors import (
 )
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
-from reconciler.model import Change, EventType, Observation, Source, Status, Task, TaskRef
+from reconciler.model import (
+    Change,
+    EventType,
+    Observation,
+    Source,
+    Status,
+    Task,
+    TaskRef,
+    iso,
+    parse_iso,
+)
 from reconciler.providers import PollResult, Provider, RawDelivery
 from reconciler.schedule import Timing
 from reconciler.state import Registration, expire, fail, merge, new_task, register
@@ -43,9 +53,9 @@ from reconciler.store.base import (
     Accepted,
     EventRow,
     IngestResult,
+    ListPosition,
     NewDelivery,
     Rejected,
-    epoch,
 )
 
 logger = logging.getLogger(__name__)
@@ -423,7 +433,7 @@ class Service:
         if len(tasks) > limit:
             tasks = tasks[:limit]
             last = tasks[-1]
-            next_cursor = _encode_cursor((epoch(last.created_at), last.provider, last.task_id))
+            next_cursor = _encode_cursor((last.created_at, last.provider, last.task_id))
         return Page(tasks, next_cursor)
 
     async def events(
@@ -506,14 +516,25 @@ def _error_word(error: ProviderError | None) -> str:
     return "error"
 
 
-def _encode_cursor(key: tuple[float, str, str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+def _encode_cursor(position: ListPosition) -> str:
+    created_at, provider, task_id = position
+    key = json.dumps([iso(created_at), provider, task_id])
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[float, str, str]:
+def _decode_cursor(cursor: str) -> ListPosition:
+    """A cursor names the last task of a page by its creation time (RFC 3339 text) and key.
+    Cursors handed out before carried the time as Unix seconds: they are read too."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, provider, task_id = json.loads(base64.urlsafe_b64decode(padded))
-        return float(created), str(provider), str(task_id)
-    except (ValueError, TypeError, binascii.Error):
+        created_at: datetime | None
+        if isinstance(created, int | float) and not isinstance(created, bool):
+            created_at = datetime.fromtimestamp(created, UTC)
+        else:
+            created_at = parse_iso(created)
+        if created_at is None or not isinstance(provider, str) or not isinstance(task_id, str):
+            raise ValueError(cursor)
+        return created_at, provider, task_id
+    except (ValueError, TypeError, OverflowError, OSError, binascii.Error):
         raise Invalid("cursor", "the cursor is not one this service handed out") from None

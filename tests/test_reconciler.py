@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
-from reconciler.feed import Commit, Feed
+from reconciler.feed import Feed
 from reconciler.limits import BreakerState
-from reconciler.model import Observation, Source, Status, Task, TaskRef
+from reconciler.model import Commit, Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PROVIDERS, PollResult
 from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service

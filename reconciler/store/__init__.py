@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from reconciler.errors import ConfigError
-from reconciler.feed import Commit
+from reconciler.model import Commit
 from reconciler.store.base import Store
 
 

@@ -1,21 +1,16 @@
 """The SQLite backend: one writer with group commit, readers on their own connections.
 
-Writes are operations queued to a single writer task. It drains whatever has queued while
-the previous commit ran, and runs the batch as one `BEGIN IMMEDIATE` transaction:
+Writes are operations queued to one `batch.Writer`. Each batch runs as one
+`BEGIN IMMEDIATE` transaction through `batch.write_batch` (the decisions every backend
+shares), whose statements this module runs; then COMMIT with `synchronous=FULL`, and only
+then is every caller resolved.
 
-1. look up duplicates of the batch's delivery bodies (one query),
-2. interpret the new bodies (pure: JSON, adapter, rules) and load every task the batch
-   touches (one query per 400 keys),
-3. run each operation's pure `decide` in arrival order against those tasks,
-4. write deliveries, tasks and events with `executemany`, then lease due tasks,
-5. commit with `synchronous=FULL`, and only then resolve every caller.
-
-Steps 1-4 run on the event loop's thread (they touch only SQLite's page cache); the COMMIT,
-which waits on fsync, runs on a dedicated writer thread while the loop reads the next
-batch's requests. So a webhook costs a handful of statements per *batch*, not per request,
-and no caller resumes before the commit that holds its write. Sequence numbers and delivery
-ids are assigned here, read from the database inside each write transaction. Readers use
-aiosqlite connections of their own.
+The statements run on the event loop's thread (they touch only SQLite's page cache); the
+COMMIT, which waits on fsync, runs on a dedicated writer thread while the loop reads the next
+batch's requests. So a webhook costs a handful of statements per *batch*, not per request.
+Sequence numbers and delivery ids are read from the database inside each write transaction,
+so `reconciler replay` can write beside a running server. Readers use aiosqlite connections
+of their own.
 
 The WAL is checkpointed by the writer itself every few dozen commits, between two batches,
 instead of by SQLite inside a COMMIT (SPEC §7: commit p99 5.5 ms with, 0.6 ms without).
@@ -30,10 +25,10 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +36,34 @@ import aiosqlite
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.feed import Commit
-from reconciler.model import Change, Delivery, Outcome, Task, TaskRef, iso
+from reconciler.model import Commit, Delivery, Outcome, Task, TaskRef, iso, parse_iso
 from reconciler.store import migrations
 from reconciler.store.base import (
-    Accepted,
     ApplyResult,
     Decide,
     EventRow,
     IngestResult,
     Interpret,
+    ListPosition,
     NewDelivery,
-    Rejected,
     Settled,
-    epoch,
-    event_json,
-    from_epoch,
-    public_json,
-    task_from_json,
-    task_to_json,
 )
+from reconciler.store.batch import (
+    Apply,
+    Ingest,
+    Lease,
+    Op,
+    Replay,
+    Writer,
+    Writes,
+    fail,
+    settle,
+    write_batch,
+)
+from reconciler.store.rows import served, task_from_json
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 1024
 KEYS_PER_QUERY = 400  # (provider, task_id) pairs per IN (...) lookup
 CHECKPOINT_EVERY = 64  # commits; see `_checkpoint`
 WAL_RESET_PAGES = 16_384  # 64 MiB of 4 KiB pages
@@ -100,45 +99,12 @@ ORDER BY next_poll_at LIMIT ?
 """
 
 
-@dataclass(eq=False)
-class _Op:
-    future: asyncio.Future[Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.future = asyncio.get_running_loop().create_future()
+def epoch(moment: datetime) -> float:
+    return moment.timestamp()
 
 
-@dataclass(eq=False)
-class _Ingest(_Op):
-    delivery: NewDelivery
-    interpret: Interpret
-
-
-@dataclass(eq=False)
-class _Apply(_Op):
-    candidates: Sequence[TaskRef]
-    decide: Decide
-    delivery_id: int | None
-
-
-@dataclass(eq=False)
-class _Replay(_Op):
-    delivery_id: int
-    interpret: Interpret
-
-
-@dataclass(eq=False)
-class _Lease(_Op):
-    now: datetime
-    limit: int
-    lease_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Duplicate:
-    """A body already stored for this provider; `candidates` name the task it concerned."""
-
-    candidates: Sequence[TaskRef]
+def from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 @dataclass
@@ -153,62 +119,115 @@ class WriterStats:
     checkpointed_commits: int = 0  # commits when the last checkpoint ran
 
 
-class _Batch:
-    """The state of one write transaction: tasks as the batch has left them, and the rows
-    still to write."""
+class _Transaction:
+    """`batch.Transaction` on the writer's connection, inside `BEGIN IMMEDIATE`: one writer
+    owns the file, so `lock` has nothing to do, and ids continue from the database's own."""
 
-    def __init__(self, store: SQLiteStore) -> None:
-        self.store = store
-        self.tasks: dict[TaskRef, Task | None] = {}
-        self.dirty: dict[TaskRef, Task] = {}
-        self.events: list[tuple[Any, ...]] = []
-        self.deliveries: list[tuple[Any, ...]] = []
-        self.delivery_updates: list[tuple[Any, ...]] = []
-        self.public: dict[TaskRef, str] = {}  # each dirty task's JSON, encoded once
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        # fetchall(): an unexhausted cursor keeps its statement open, and COMMIT refuses to
+        # run while one is.
+        [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
+        self.last_seq: int = last_seq
+        self.last_delivery: int = last_delivery
 
-    def json_of(self, task: Task | None) -> str | None:
-        """`task`'s public JSON: as this batch encoded it when it wrote this version, else
-        encoded now (a duplicate's task, unchanged)."""
-        if task is None:
-            return None
-        encoded = self.public.get(task.ref)
-        if encoded is not None and self.tasks.get(task.ref) is task:
-            return encoded
-        return public_json(task)
+    async def lock(self, keys: Collection[str]) -> None:
+        pass
 
-    def pick(self, candidates: Sequence[TaskRef]) -> tuple[TaskRef, Task | None]:
-        for ref in candidates:
-            task = self.tasks.get(ref)
-            if task is not None:
-                return ref, task
-        return candidates[0], None
-
-    def decide(
-        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None
-    ) -> tuple[Task | None, Change | None, int | None]:
-        task = self.pick(candidates)[1]
-        change = decide(task)
-        if change is None:
-            return task, None, None
-        updated = change.task
-        self.tasks[updated.ref] = updated
-        self.dirty[updated.ref] = updated
-        self.public[updated.ref] = public = public_json(updated)
-        seq = None
-        if change.event is not None:
-            seq = self.store._take_seq()
-            body = event_json(seq, change, delivery_id, updated.updated_at, public)
-            self.events.append(
-                (
-                    seq,
-                    updated.provider,
-                    updated.task_id,
-                    change.event.value,
-                    epoch(updated.updated_at),
-                    body,
+    async def duplicates(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], str | None]:
+        seen: dict[tuple[str, str], str | None] = {}
+        for provider, shas in _by_provider(keys).items():
+            for chunk in _chunks(sorted(shas), KEYS_PER_QUERY):
+                sql = (
+                    "SELECT sha256, task_id FROM deliveries WHERE provider = ? "
+                    f"AND sha256 IN ({','.join('?' * len(chunk))}) AND outcome != 'rejected'"
                 )
+                for sha, task_id in self.db.execute(sql, [provider, *chunk]):
+                    seen[(provider, sha)] = task_id
+        return seen
+
+    async def stored_deliveries(self, ids: Collection[int]) -> dict[int, NewDelivery]:
+        found: dict[int, NewDelivery] = {}
+        for chunk in _chunks(sorted(ids), KEYS_PER_QUERY):
+            sql = (
+                "SELECT id, provider, received_at, headers, body, sha256 FROM deliveries "
+                f"WHERE id IN ({','.join('?' * len(chunk))})"
             )
-        return updated, change, seq
+            for did, provider, received_at, headers, body, sha in self.db.execute(sql, chunk):
+                found[did] = NewDelivery(
+                    provider, from_epoch(received_at), loads(headers), bytes(body), sha
+                )
+        return found
+
+    async def tasks(self, refs: Collection[TaskRef]) -> list[Task]:
+        found: list[Task] = []
+        for provider, task_ids in _by_provider(refs).items():
+            for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
+                sql = (
+                    "SELECT data FROM tasks WHERE provider = ? "
+                    f"AND task_id IN ({','.join('?' * len(chunk))})"
+                )
+                found.extend(
+                    task_from_json(data) for (data,) in self.db.execute(sql, [provider, *chunk])
+                )
+        return found
+
+    async def delivery_ids(self, count: int) -> list[int]:
+        first = self.last_delivery + 1
+        self.last_delivery += count
+        return list(range(first, first + count))
+
+    async def write(self, writes: Writes) -> int:
+        db = self.db
+        first_seq = self.last_seq + 1
+        if writes.deliveries:
+            db.executemany(
+                _INSERT_DELIVERY,
+                [
+                    (
+                        row.id,
+                        row.delivery.provider,
+                        epoch(row.delivery.received_at),
+                        dumps(dict(row.delivery.headers)),
+                        row.delivery.body,
+                        row.delivery.sha256,
+                        row.outcome.value,
+                        row.error,
+                        row.task_id,
+                    )
+                    for row in writes.deliveries
+                ],
+            )
+        if writes.tasks:
+            db.executemany(
+                _UPSERT_TASK, [_task_row(row.task, row.data) for row in writes.tasks.values()]
+            )
+        if writes.events:
+            db.executemany(
+                _INSERT_EVENT,
+                [
+                    (seq, event.provider, event.task_id, event.type, epoch(event.at), event.body)
+                    for seq, event in enumerate(writes.events, start=first_seq)
+                ],
+            )
+            self.last_seq += len(writes.events)
+        if writes.delivery_updates:
+            db.executemany(
+                _UPDATE_DELIVERY,
+                [(u.outcome.value, u.error, u.task_id, u.id) for u in writes.delivery_updates],
+            )
+        return first_seq
+
+    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
+        rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
+        tasks = [task_from_json(data) for (data,) in rows]
+        if tasks:
+            # Only the poll time changes: patch it in place rather than re-encode each task.
+            moved = (epoch(until), iso(until))
+            self.db.executemany(_LEASE, [(*moved, task.provider, task.task_id) for task in tasks])
+        return tasks
 
 
 class SQLiteStore:
@@ -230,12 +249,10 @@ class SQLiteStore:
         self._executor: ThreadPoolExecutor | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._writer_task: asyncio.Task[None] | None = None
+        self._writer = Writer(self._run)
         self._closing = False
         self._opened = False
-        self._next_seq = 1
-        self._next_delivery_id = 1
+        self._last_seq = 0
         self.stats = WriterStats()
 
     # --- lifetime --------------------------------------------------------------------
@@ -251,7 +268,7 @@ class SQLiteStore:
                 await setup.executescript("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")
                 await migrate(setup)
                 rows = await setup.execute_fetchall(_NEXT_IDS)
-                self._next_seq = next(iter(rows))[0] + 1
+                self._last_seq = next(iter(rows))[0]
             finally:
                 await setup.close()
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
@@ -265,7 +282,7 @@ class SQLiteStore:
         except BaseException:
             await self._close_connections()
             raise
-        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._writer.start("sqlite-writer")
         return self
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -287,9 +304,7 @@ class SQLiteStore:
         if self._closing:
             return
         self._closing = True
-        if self._writer_task is not None:
-            self._queue.put_nowait(None)  # drain what is queued, then stop
-            await self._writer_task
+        await self._writer.close()  # drains what is queued
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -312,55 +327,43 @@ class SQLiteStore:
 
     # --- writes ----------------------------------------------------------------------
 
-    async def _submit(self, op: _Op) -> Any:
-        if self._closing or self._writer_task is None:
-            raise StoreError("the store is closed")
-        self._queue.put_nowait(op)
-        return await op.future
-
     async def ingest(self, delivery: NewDelivery, interpret: Interpret) -> IngestResult:
-        result: IngestResult = await self._submit(_Ingest(delivery, interpret))
+        result: IngestResult = await self._writer.submit(Ingest(delivery, interpret))
         return result
 
     async def apply(
         self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
     ) -> ApplyResult:
-        result: ApplyResult = await self._submit(_Apply(candidates, decide, delivery_id))
+        result: ApplyResult = await self._writer.submit(Apply(candidates, decide, delivery_id))
         return result
 
     async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult:
-        result: IngestResult = await self._submit(_Replay(delivery_id, interpret))
+        result: IngestResult = await self._writer.submit(Replay(delivery_id, interpret))
         return result
 
     async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
-        result: list[Task] = await self._submit(_Lease(now, limit, lease_seconds))
+        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds))
         return result
 
-    def _take_seq(self) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        return seq
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            ops: list[_Op] = []
-            if first is None:
-                stopping = True
-            else:
-                ops.append(first)
-            while len(ops) < MAX_BATCH and not self._queue.empty():
-                op = self._queue.get_nowait()
-                if op is None:
-                    stopping = True
-                else:
-                    ops.append(op)
-            if ops:
-                await self._run(ops)
-            if self.stats.commits - self.stats.checkpointed_commits >= self.checkpoint_every:
-                self.stats.checkpointed_commits = self.stats.commits
-                await self._checkpoint()
+    async def _run(self, ops: list[Op]) -> None:
+        """One batch: commit it, resolve its callers, and checkpoint every few commits."""
+        try:
+            results, commit = await self._transaction(ops)
+        except Exception as error:
+            logger.exception("write transaction of %d operations failed", len(ops))
+            fail(ops, error)
+            return
+        self.stats.commits += 1
+        self.stats.operations += len(ops)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
+        if commit is not None:
+            self._last_seq = max(self._last_seq, commit.last_seq)
+            if self._on_commit is not None:
+                self._on_commit(commit)
+        settle(ops, results)
+        if self.stats.commits - self.stats.checkpointed_commits >= self.checkpoint_every:
+            self.stats.checkpointed_commits = self.stats.commits
+            await self._checkpoint()
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file, on the writer thread, between two batches.
@@ -389,39 +392,15 @@ class SQLiteStore:
             logger.exception("WAL checkpoint failed")
         logger.debug("checkpoint took %.1f ms", (time.perf_counter() - started) * 1000)
 
-    async def _run(self, ops: list[_Op]) -> None:
-        try:
-            results, commit = await self._transaction(ops)
-        except Exception as error:
-            logger.exception("write transaction of %d operations failed", len(ops))
-            failure = (
-                error if isinstance(error, StoreError) else StoreError(f"write failed: {error}")
-            )
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(failure)
-            return
-        self.stats.commits += 1
-        self.stats.operations += len(ops)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
-        if self._on_commit is not None and commit is not None:
-            self._on_commit(commit)
-        for op, result in zip(ops, results, strict=True):
-            if op.future.done():
-                continue
-            if isinstance(result, BaseException):
-                op.future.set_exception(result)
-            else:
-                op.future.set_result(result)
-
-    async def _transaction(self, ops: list[_Op]) -> tuple[list[object], Commit | None]:
+    async def _transaction(self, ops: list[Op]) -> tuple[list[object], Commit | None]:
         """One batch: statements on the event loop's thread, COMMIT on the writer thread.
 
         Everything before COMMIT touches only SQLite's page cache (microseconds a row), so
-        it runs here, with the rules it calls, in one stretch. Only COMMIT waits on fsync;
-        it goes to the writer thread, which holds the GIL for nothing but its return, while
-        this loop reads the next batch's requests. (The whole batch on the thread made the
-        two threads trade the GIL at every statement, each trade up to a switch interval.)
+        it runs here, with the rules it calls, in one stretch (none of `_Transaction`'s
+        awaits suspends). Only COMMIT waits on fsync; it goes to the writer thread, which
+        holds the GIL for nothing but its return, while this loop reads the next batch's
+        requests. (The whole batch on the thread made the two threads trade the GIL at every
+        statement, each trade up to a switch interval.)
         """
         db = self._db
         assert db is not None
@@ -433,189 +412,13 @@ class SQLiteStore:
             # writer thread, under the busy timeout, instead of blocking the loop.
             await loop.run_in_executor(self._executor, _begin_waiting, db)
         try:
-            # Ids come from the database inside the write lock, so a second process can
-            # write beside the server without colliding. fetchall(): an unexhausted cursor
-            # keeps its statement open, and COMMIT refuses to run while one is.
-            [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
-            self._next_seq, self._next_delivery_id = last_seq + 1, last_delivery + 1
-            results, commit = self._batch(db, ops)
+            results, commit = await write_batch(_Transaction(db), ops)
             await loop.run_in_executor(self._executor, _commit, db)
         except BaseException:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise
         return results, commit
-
-    def _batch(self, db: sqlite3.Connection, ops: list[_Op]) -> tuple[list[object], Commit | None]:
-        batch = _Batch(self)
-        ingests = [op for op in ops if isinstance(op, _Ingest)]
-        replays = [op for op in ops if isinstance(op, _Replay)]
-
-        # Duplicates: an earlier, readable delivery of the same provider and body.
-        seen: dict[tuple[str, str], str | None] = {}
-        shas: dict[str, set[str]] = {}
-        for ingest in ingests:
-            shas.setdefault(ingest.delivery.provider, set()).add(ingest.delivery.sha256)
-        for provider, provider_shas in shas.items():
-            for chunk in _chunks(sorted(provider_shas), KEYS_PER_QUERY):
-                sql = (
-                    "SELECT sha256, task_id FROM deliveries WHERE provider = ? "
-                    f"AND sha256 IN ({','.join('?' * len(chunk))}) AND outcome != 'rejected'"
-                )
-                for sha, task_id in db.execute(sql, [provider, *chunk]):
-                    seen[(provider, sha)] = task_id
-
-        replayed: dict[int, NewDelivery] = {}
-        for chunk in _chunks([replay.delivery_id for replay in replays], KEYS_PER_QUERY):
-            sql = (
-                "SELECT id, provider, received_at, headers, body, sha256 FROM deliveries "
-                f"WHERE id IN ({','.join('?' * len(chunk))})"
-            )
-            for did, provider, received_at, headers, body, sha in db.execute(sql, chunk):
-                replayed[did] = NewDelivery(
-                    provider, from_epoch(received_at), loads(headers), bytes(body), sha
-                )
-
-        # Interpret what is new (pure), and gather every task key the batch needs.
-        plans: dict[int, Accepted | Rejected | _Duplicate | None] = {}
-        wanted: set[TaskRef] = set()
-        in_batch: dict[tuple[str, str], Sequence[TaskRef]] = {}
-        for op in ops:
-            if isinstance(op, _Ingest):
-                key = (op.delivery.provider, op.delivery.sha256)
-                if key in seen or key in in_batch:
-                    task_id = seen.get(key)
-                    refs = [TaskRef(key[0], task_id)] if task_id else in_batch.get(key, [])
-                    plans[id(op)] = _Duplicate(refs)
-                    wanted.update(refs)
-                    continue
-                interpreted = _interpret(op.interpret, op.delivery)
-                if isinstance(interpreted, Accepted):
-                    in_batch[key] = interpreted.candidates
-                plans[id(op)] = interpreted
-            elif isinstance(op, _Replay):
-                delivery = replayed.get(op.delivery_id)
-                plans[id(op)] = None if delivery is None else _interpret(op.interpret, delivery)
-            elif isinstance(op, _Apply):
-                wanted.update(op.candidates)
-            if isinstance(plan := plans.get(id(op)), Accepted):
-                wanted.update(plan.candidates)
-        self._load(db, batch, wanted)
-
-        results: list[object] = []
-        for op in ops:
-            try:
-                results.append(self._run_op(batch, op, plans.get(id(op))))
-            except Exception as error:  # a bug in a rule must not fail the whole batch
-                logger.exception("operation failed inside the write batch")
-                results.append(error)
-
-        if batch.deliveries:
-            db.executemany(_INSERT_DELIVERY, batch.deliveries)
-        if batch.dirty:
-            db.executemany(
-                _UPSERT_TASK,
-                [_task_row(task, batch.public.get(ref)) for ref, task in batch.dirty.items()],
-            )
-        if batch.events:
-            db.executemany(_INSERT_EVENT, batch.events)
-        if batch.delivery_updates:
-            db.executemany(_UPDATE_DELIVERY, batch.delivery_updates)
-        due = [task.next_poll_at for task in batch.dirty.values() if task.next_poll_at]
-        wrote = bool(batch.deliveries or batch.dirty or batch.delivery_updates)
-        for index, op in enumerate(ops):
-            if isinstance(op, _Lease):
-                leased = self._lease(db, op)
-                results[index] = leased
-                if leased:
-                    wrote = True
-                    due.append(op.now + timedelta(seconds=op.lease_seconds))
-        if not wrote:
-            return results, None
-        return results, Commit(self._next_seq - 1, len(batch.events), min(due, default=None))
-
-    def _run_op(self, batch: _Batch, op: _Op, plan: object) -> object:
-        if isinstance(op, _Apply):
-            existed = batch.pick(op.candidates)[1] is not None
-            task, _, seq = batch.decide(op.candidates, op.decide, op.delivery_id)
-            return ApplyResult(task, created=not existed and task is not None, event_seq=seq)
-        if isinstance(op, _Ingest):
-            delivery_id = self._next_delivery_id
-            self._next_delivery_id += 1
-            outcome, task, error = self._settle(batch, plan, delivery_id)
-            d = op.delivery
-            batch.deliveries.append(
-                (
-                    delivery_id,
-                    d.provider,
-                    epoch(d.received_at),
-                    dumps(dict(d.headers)),
-                    d.body,
-                    d.sha256,
-                    outcome.value,
-                    error.message if error else None,
-                    task.task_id if task else None,
-                )
-            )
-            return IngestResult(delivery_id, outcome, task, error, batch.json_of(task))
-        if isinstance(op, _Replay):
-            if plan is None:
-                return StoreError(f"no delivery {op.delivery_id}")
-            outcome, task, error = self._settle(batch, plan, op.delivery_id)
-            batch.delivery_updates.append(
-                (
-                    outcome.value,
-                    error.message if error else None,
-                    task.task_id if task else None,
-                    op.delivery_id,
-                )
-            )
-            return IngestResult(op.delivery_id, outcome, task, error, batch.json_of(task))
-        return None  # leases run after the batch's other writes
-
-    def _settle(
-        self, batch: _Batch, plan: object, delivery_id: int
-    ) -> tuple[Outcome, Task | None, Rejected | None]:
-        if isinstance(plan, Rejected):
-            return Outcome.REJECTED, None, plan
-        if isinstance(plan, _Duplicate):
-            task = batch.pick(plan.candidates)[1] if plan.candidates else None
-            return Outcome.DUPLICATE, task, None
-        assert isinstance(plan, Accepted)
-        before = batch.pick(plan.candidates)[1]
-        try:
-            task, change, seq = batch.decide(plan.candidates, plan.decide, delivery_id)
-        except Exception as error:
-            logger.exception("rule failed on delivery %d", delivery_id)
-            return Outcome.REJECTED, None, Rejected("internal_error", f"could not apply: {error}")
-        if change is not None and before is not None and change.task.conflicts > before.conflicts:
-            return Outcome.CONFLICT, task, None
-        return (Outcome.APPLIED if seq is not None else Outcome.UNCHANGED), task, None
-
-    def _load(self, db: sqlite3.Connection, batch: _Batch, refs: set[TaskRef]) -> None:
-        by_provider: dict[str, list[str]] = {}
-        for ref in refs:
-            batch.tasks[ref] = None
-            by_provider.setdefault(ref.provider, []).append(ref.task_id)
-        for provider, task_ids in by_provider.items():
-            for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
-                sql = (
-                    "SELECT data FROM tasks WHERE provider = ? "
-                    f"AND task_id IN ({','.join('?' * len(chunk))})"
-                )
-                for (data,) in db.execute(sql, [provider, *chunk]):
-                    task = task_from_json(data)
-                    batch.tasks[task.ref] = task
-
-    def _lease(self, db: sqlite3.Connection, op: _Lease) -> list[Task]:
-        rows = db.execute(_SELECT_DUE, (epoch(op.now), op.limit)).fetchall()
-        tasks = [task_from_json(data) for (data,) in rows]
-        until = op.now + timedelta(seconds=op.lease_seconds)
-        if tasks:
-            # Only the poll time changes: patch it in place rather than re-encode each task.
-            moved = (epoch(until), iso(until))
-            db.executemany(_LEASE, [(*moved, task.provider, task.task_id) for task in tasks])
-        return tasks
 
     # --- reads -----------------------------------------------------------------------
 
@@ -650,7 +453,7 @@ class SQLiteStore:
         status: str | None = None,
         provider: str | None = None,
         limit: int = 100,
-        before: tuple[float, str, str] | None = None,
+        before: ListPosition | None = None,
     ) -> list[Task]:
         where: list[str] = []
         params: list[object] = []
@@ -661,8 +464,9 @@ class SQLiteStore:
             where.append("provider = ?")
             params.append(provider)
         if before is not None:
+            created_at, provider_key, task_key = before
             where.append("(created_at, provider, task_id) < (?, ?, ?)")
-            params.extend(before)
+            params.extend((epoch(created_at), provider_key, task_key))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         sql = (
             f"SELECT data FROM tasks {clause} "
@@ -687,10 +491,13 @@ class SQLiteStore:
             "ORDER BY seq LIMIT ?"
         )
         rows = await self._fetch(sql, [*params, limit])
-        return [EventRow(*row) for row in rows]
+        return [
+            EventRow(seq, provider, task_id, type_, served(seq, body))
+            for seq, provider, task_id, type_, body in rows
+        ]
 
     async def last_seq(self) -> int:
-        return self._next_seq - 1
+        return self._last_seq
 
     async def deliveries(
         self, ids: Sequence[int] | None = None, rejected_only: bool = False, limit: int = 1000
@@ -735,6 +542,44 @@ class SQLiteStore:
         await self._fetch("SELECT 1")
 
 
+_TIMES = (
+    "created_at",
+    "updated_at",
+    "completed_at",
+    "deadline_at",
+    "next_poll_at",
+    "at",
+    "provider_updated_at",
+    "result_missing_since",
+    "progress_event_at",
+)
+
+
+def sortable_times(text: str) -> str:
+    """A stored task or event with its own times rewritten in today's fixed-width form
+    (`model.iso`); metadata and everything else are left as they were."""
+    data = loads(text)
+
+    def rewrite(part: object) -> None:
+        if not isinstance(part, dict):
+            return
+        for key in _TIMES:
+            value = part.get(key)
+            if isinstance(value, str):
+                part[key] = iso(parse_iso(value))
+        rewrite(part.get("task"))
+        rewrite(part.get("internal"))
+
+    rewrite(data)
+    return dumps(data)
+
+
+# Functions the migrations may call (0004), registered on the migrating connection.
+MIGRATION_FUNCTIONS: dict[str, Callable[[str], str]] = {
+    "reconciler_sortable_times": sortable_times,
+}
+
+
 async def migrate(db: aiosqlite.Connection) -> list[str]:
     """Apply pending migrations; return the names applied."""
     await db.execute(
@@ -742,6 +587,8 @@ async def migrate(db: aiosqlite.Connection) -> list[str]:
         "number INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT NOT NULL, "
         "applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ','now')))"
     )
+    for name, function in MIGRATION_FUNCTIONS.items():
+        await db.create_function(name, 1, function, deterministic=True)
     rows = await db.execute_fetchall("SELECT number, name, sha256 FROM schema_migrations")
     applied = [migrations.Applied(*row) for row in rows]
     todo = migrations.pending(migrations.load("sqlite"), applied)
@@ -800,15 +647,7 @@ def _statements(sql: str) -> list[str]:
     return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
 
 
-def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:
-    try:
-        return interpret(delivery)
-    except Exception as error:  # a bug must not lose the delivery: keep it, replay later
-        logger.exception("interpreting a %s delivery failed", delivery.provider)
-        return Rejected("internal_error", f"could not interpret the delivery: {error}")
-
-
-def _task_row(task: Task, public: str | None = None) -> tuple[Any, ...]:
+def _task_row(task: Task, data: str) -> tuple[Any, ...]:
     return (
         task.provider,
         task.task_id,
@@ -819,8 +658,15 @@ def _task_row(task: Task, public: str | None = None) -> tuple[Any, ...]:
         epoch(task.updated_at),
         epoch(task.next_poll_at) if task.next_poll_at else None,
         task.version,
-        task_to_json(task, public),
+        data,
     )
+
+
+def _by_provider(keys: Collection[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for provider, key in keys:
+        grouped.setdefault(provider, []).append(key)
+    return grouped
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

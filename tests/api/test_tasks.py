@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -91,10 +93,10 @@ async def test_list_pages_by_cursor_newest_first_without_gaps(served: Served) ->
         if cursor is None:
             break
     assert sorted(t["task_id"] for t in seen) == ids
-    # Compared as instants: "…05.123Z" (a whole millisecond) is earlier than "…05.123456Z",
-    # though it sorts after it as text.
+    # Newest first, as instants and as text alike (SPEC §2: times sort as text).
     created = [parse_iso(t["created_at"]) for t in seen]
     assert created == sorted(created, reverse=True)
+    assert [t["created_at"] for t in seen] == sorted((t["created_at"] for t in seen), reverse=True)
     by_status = (await served.client.get("/tasks", params={"status": "completed"})).json()
     assert by_status == {"tasks": [], "next_cursor": None}
 
@@ -149,3 +151,17 @@ async def test_wait_answers_when_the_task_becomes_terminal(served: Served) -> No
     assert quick.json()["status"] == "completed"
     bad = await served.client.get("/tasks/acedata/w1", params={"wait": 61})
     assert bad.status_code == 422
+
+
+async def test_a_cursor_from_before_times_were_text_still_pages(served: Served) -> None:
+    """Cursors handed out by earlier versions carried the creation time as Unix seconds."""
+    for n in range(3):
+        await served.client.post("/tasks", json={"provider": "kie", "task_id": f"k{n}"})
+    first = (await served.client.get("/tasks", params={"limit": 1})).json()
+    [newest] = first["tasks"]
+    created = parse_iso(newest["created_at"])
+    assert created is not None
+    key = json.dumps([created.timestamp(), newest["provider"], newest["task_id"]])
+    old = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    rest = (await served.client.get("/tasks", params={"cursor": old})).json()
+    assert [t["task_id"] for t in rest["tasks"]] == ["k1", "k0"]

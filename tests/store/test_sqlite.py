@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -196,9 +197,7 @@ async def test_list_tasks_pages_newest_first(store: SQLiteStore) -> None:
     page = await store.list_tasks(limit=3)
     assert [t.task_id for t in page] == ["t4", "t3", "t2"]
     last = page[-1]
-    rest = await store.list_tasks(
-        limit=3, before=(last.created_at.timestamp(), last.provider, last.task_id)
-    )
+    rest = await store.list_tasks(limit=3, before=(last.created_at, last.provider, last.task_id))
     assert [t.task_id for t in rest] == ["t1", "t0"]
 
 
@@ -212,3 +211,43 @@ async def test_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
         # Unchecked, 600 commits of a task and an event leave well over 1,000 pages.
         assert wal_size < 400 * 4096, wal_size
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone() == (600,)
+
+
+async def test_times_and_event_bodies_move_to_their_new_form(tmp_path: Path) -> None:
+    """0004: stored times get a fixed six-digit fraction (metadata is left alone) and events
+    are stored without their seq, which reads put back."""
+    path = tmp_path / "db.sqlite"
+    ref = TaskRef("kling", "t1")
+    user_time = "2026-01-01T00:00:00.000Z"
+
+    def created(task: Task | None) -> Change:
+        made = new_task(
+            ref, "text2video", NOW + timedelta(microseconds=416_000), 60, Source.REGISTER
+        )
+        made = made.replace(metadata={"at": user_time}, next_poll_at=NOW + timedelta(seconds=5))
+        return Change(made, EventType.REGISTERED, None)
+
+    async with SQLiteStore(path) as store:
+        await store.apply([ref], created)
+    with sqlite3.connect(path) as db:  # as the code before 0004 wrote them
+        for table, column in (("tasks", "data"), ("events", "body")):
+            (text,) = db.execute(f"SELECT {column} FROM {table}").fetchone()
+            old = text.replace(".416000Z", ".416Z").replace(".000000Z", ".000Z")
+            if table == "events":
+                old = '{"seq":1,' + old[1:]
+            db.execute(f"UPDATE {table} SET {column} = ?", (old,))
+        db.execute("DELETE FROM schema_migrations WHERE number >= 4")
+
+    async with SQLiteStore(path) as store:
+        task = await store.get_task(ref)
+        assert task is not None and task.created_at == NOW + timedelta(microseconds=416_000)
+        assert task.metadata == {"at": user_time}
+        [event] = await store.events_after(0, 10)
+        body = json.loads(event.body)
+        assert event.seq == body["seq"] == 1 and event.body.count('"seq"') == 1
+        assert body["at"] == body["task"]["created_at"] == "2026-01-01T00:00:00.416000Z"
+        assert body["task"]["next_poll_at"] == "2026-01-01T00:00:05.000000Z"
+    with sqlite3.connect(path) as db:
+        (data,) = db.execute("SELECT data FROM tasks").fetchone()
+        assert '"deadline_at":"2026-01-01T00:01:00.416000Z"' in data
+        assert f'"metadata":{{"at":"{user_time}"}}' in data

@@ -1,0 +1,437 @@
+"""Group commit and the write batch: what every backend shares.
+
+Writes are operations queued to one `Writer` per store. It drains whatever has queued
+while the previous transaction ran, and hands the batch to its backend, which opens one
+transaction and calls `write_batch(tx, ops)`:
+
+1. interpret the new and replayed bodies (pure: JSON, adapter, rules);
+2. lock what the batch may write (`tx.lock`: a no-op where one writer owns the database,
+   advisory locks where several replicas write);
+3. look up duplicates of the batch's bodies and load every task the batch touches;
+4. run each operation's pure `decide` in arrival order against those tasks: duplicates,
+   conflicts and outcomes are decided here, and each changed task is encoded once;
+5. write deliveries, tasks and events (`tx.write`, which numbers the events), then lease
+   due tasks.
+
+The backend commits, and only then are the callers resolved (`settle`), so no caller
+resumes before the commit that holds its write. A backend only runs statements: it never
+decides what a delivery means nor how an answer looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from reconciler.errors import StoreError
+from reconciler.model import Change, Commit, Outcome, Task, TaskRef
+from reconciler.store.base import (
+    Accepted,
+    ApplyResult,
+    Decide,
+    IngestResult,
+    Interpret,
+    NewDelivery,
+    Rejected,
+)
+from reconciler.store.rows import event_json, public_json, task_to_json
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1024
+
+# --- operations ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Op:
+    future: asyncio.Future[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class Ingest(Op):
+    delivery: NewDelivery
+    interpret: Interpret
+
+
+@dataclass(eq=False)
+class Apply(Op):
+    candidates: Sequence[TaskRef]
+    decide: Decide
+    delivery_id: int | None
+
+
+@dataclass(eq=False)
+class Replay(Op):
+    delivery_id: int
+    interpret: Interpret
+
+
+@dataclass(eq=False)
+class Lease(Op):
+    now: datetime
+    limit: int
+    lease_seconds: float
+
+
+# --- what a backend does inside one transaction ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: int
+    delivery: NewDelivery
+    outcome: Outcome
+    error: str | None
+    task_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    id: int
+    outcome: Outcome
+    error: str | None
+    task_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    task: Task
+    data: str  # `rows.task_to_json(task)`
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    provider: str
+    task_id: str
+    type: str
+    at: datetime
+    body: str  # `rows.event_json`: without its seq, which `Transaction.write` assigns
+
+
+@dataclass
+class Writes:
+    """The rows one batch writes."""
+
+    deliveries: list[DeliveryRow] = field(default_factory=list)
+    delivery_updates: list[DeliveryUpdate] = field(default_factory=list)
+    tasks: dict[TaskRef, TaskRow] = field(default_factory=dict)
+    events: list[EventRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.deliveries or self.delivery_updates or self.tasks or self.events)
+
+
+class Transaction(Protocol):
+    """The statements of one write transaction, as a backend runs them."""
+
+    async def lock(self, keys: Collection[str]) -> None:
+        """Keep other writers away from these keys until the transaction ends."""
+
+    async def duplicates(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], str | None]:
+        """(provider, sha256) of stored, readable deliveries -> the task id each named."""
+        ...
+
+    async def stored_deliveries(self, ids: Collection[int]) -> dict[int, NewDelivery]: ...
+
+    async def tasks(self, refs: Collection[TaskRef]) -> list[Task]: ...
+
+    async def delivery_ids(self, count: int) -> list[int]:
+        """Ids for `count` new deliveries."""
+        ...
+
+    async def write(self, writes: Writes) -> int:
+        """Write every row; number `writes.events` contiguously, in order, after the
+        current head of the log, and return the first seq (the head + 1)."""
+        ...
+
+    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
+        """Due tasks (`next_poll_at <= now`), earliest first, their `next_poll_at` moved to
+        `until`."""
+        ...
+
+
+# --- the batch -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Duplicate:
+    """A body already stored for this provider; `candidates` name the task it concerned."""
+
+    candidates: Sequence[TaskRef]
+
+
+_Plan = Accepted | Rejected | _Duplicate | None
+
+
+class _Batch:
+    """One write transaction's view: tasks as the batch has left them, and its rows."""
+
+    def __init__(self, tasks: dict[TaskRef, Task | None]) -> None:
+        self.tasks = tasks
+        self.writes = Writes()
+        self.public: dict[TaskRef, str] = {}  # each written task's public JSON, encoded once
+        self.event_index: dict[int, int] = {}  # id(op) -> index of its event in writes.events
+
+    def json_of(self, task: Task | None) -> str | None:
+        """`task`'s public JSON: as this batch encoded it when it wrote this version, else
+        encoded now (a duplicate's task, unchanged)."""
+        if task is None:
+            return None
+        encoded = self.public.get(task.ref)
+        if encoded is not None and self.tasks.get(task.ref) is task:
+            return encoded
+        return public_json(task)
+
+    def pick(self, candidates: Sequence[TaskRef]) -> Task | None:
+        for ref in candidates:
+            task = self.tasks.get(ref)
+            if task is not None:
+                return task
+        return None
+
+    def decide(
+        self, op: Op, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None
+    ) -> tuple[Task | None, Change | None]:
+        task = self.pick(candidates)
+        change = decide(task)
+        if change is None:
+            return task, None
+        updated = change.task
+        self.tasks[updated.ref] = updated
+        self.public[updated.ref] = public = public_json(updated)
+        self.writes.tasks[updated.ref] = TaskRow(updated, task_to_json(updated, public))
+        if change.event is not None:
+            self.event_index[id(op)] = len(self.writes.events)
+            self.writes.events.append(
+                EventRecord(
+                    updated.provider,
+                    updated.task_id,
+                    change.event.value,
+                    updated.updated_at,
+                    event_json(change, delivery_id, updated.updated_at, public),
+                )
+            )
+        return updated, change
+
+    def settle_delivery(
+        self, op: Op, plan: _Plan, delivery_id: int
+    ) -> tuple[Outcome, Task | None, Rejected | None]:
+        if isinstance(plan, Rejected):
+            return Outcome.REJECTED, None, plan
+        if isinstance(plan, _Duplicate):
+            return Outcome.DUPLICATE, self.pick(plan.candidates), None
+        assert isinstance(plan, Accepted)
+        before = self.pick(plan.candidates)
+        try:
+            task, change = self.decide(op, plan.candidates, plan.decide, delivery_id)
+        except Exception as error:
+            logger.exception("rule failed on delivery %d", delivery_id)
+            return Outcome.REJECTED, None, Rejected("internal_error", f"could not apply: {error}")
+        if change is not None and before is not None and change.task.conflicts > before.conflicts:
+            return Outcome.CONFLICT, task, None
+        applied = change is not None and change.event is not None
+        return (Outcome.APPLIED if applied else Outcome.UNCHANGED), task, None
+
+
+def task_key(ref: TaskRef) -> str:
+    return f"task:{ref.provider}:{ref.task_id}"
+
+
+def body_key(provider: str, sha256: str) -> str:
+    return f"body:{provider}:{sha256}"
+
+
+async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object], Commit | None]:
+    """Run `ops` in `tx` (see the module docstring); returns each op's result (or the
+    exception for that op alone) and what the transaction will have committed, for
+    `settle` to hand out once the backend has committed."""
+    ingests = [op for op in ops if isinstance(op, Ingest)]
+    replays = [op for op in ops if isinstance(op, Replay)]
+    stored = await tx.stored_deliveries([op.delivery_id for op in replays]) if replays else {}
+
+    plans: dict[int, _Plan] = {}
+    for op in ops:
+        if isinstance(op, Ingest):
+            plans[id(op)] = _interpret(op.interpret, op.delivery)
+        elif isinstance(op, Replay):
+            replayed = stored.get(op.delivery_id)
+            plans[id(op)] = None if replayed is None else _interpret(op.interpret, replayed)
+
+    writing: set[TaskRef] = set()
+    for op in ops:
+        plan = plans.get(id(op))
+        if isinstance(plan, Accepted):
+            writing.update(plan.candidates)
+        elif isinstance(op, Apply):
+            writing.update(op.candidates)
+    bodies = {(op.delivery.provider, op.delivery.sha256) for op in ingests}
+    await tx.lock([body_key(*key) for key in bodies] + [task_key(ref) for ref in writing])
+
+    # Duplicates: an earlier, readable delivery of the same provider and body, stored before
+    # or earlier in this batch.
+    seen = await tx.duplicates(bodies) if bodies else {}
+    in_batch: dict[tuple[str, str], Sequence[TaskRef]] = {}
+    wanted = set(writing)
+    for op in ingests:
+        key = (op.delivery.provider, op.delivery.sha256)
+        if key in seen or key in in_batch:
+            task_id = seen.get(key)
+            refs = [TaskRef(key[0], task_id)] if task_id else in_batch.get(key, [])
+            plans[id(op)] = _Duplicate(refs)
+            wanted.update(refs)
+        elif isinstance(plan := plans[id(op)], Accepted):
+            in_batch[key] = plan.candidates
+    loaded: dict[TaskRef, Task | None] = dict.fromkeys(wanted)
+    for task in await tx.tasks(wanted) if wanted else []:
+        loaded[task.ref] = task
+    batch = _Batch(loaded)
+    new_ids = iter(await tx.delivery_ids(len(ingests)) if ingests else [])
+
+    results: list[object] = []
+    for op in ops:
+        try:
+            results.append(_run(batch, op, plans.get(id(op)), new_ids))
+        except Exception as error:  # a bug in a rule must not fail the whole batch
+            logger.exception("operation failed inside the write batch")
+            results.append(error)
+
+    writes = batch.writes
+    first_seq = await tx.write(writes) if writes else None
+    due = [row.task.next_poll_at for row in writes.tasks.values() if row.task.next_poll_at]
+    for index, op in enumerate(ops):
+        if isinstance(op, Lease):
+            until = op.now + timedelta(seconds=op.lease_seconds)
+            leased = await tx.lease(op.now, op.limit, until)
+            results[index] = leased
+            if leased:
+                due.append(until)
+        elif isinstance(op, Apply) and isinstance(result := results[index], ApplyResult):
+            event = batch.event_index.get(id(op))
+            if event is not None and first_seq is not None:
+                results[index] = ApplyResult(result.task, result.created, first_seq + event)
+    if not writes and not due:
+        return results, None
+    events = len(writes.events)
+    last_seq = first_seq + events - 1 if first_seq is not None and events else 0
+    return results, Commit(last_seq, events, min(due, default=None))
+
+
+def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:
+    if isinstance(op, Apply):
+        existed = batch.pick(op.candidates) is not None
+        task, _ = batch.decide(op, op.candidates, op.decide, op.delivery_id)
+        return ApplyResult(task, created=not existed and task is not None, event_seq=None)
+    if isinstance(op, Ingest):
+        delivery_id: int = next(new_ids)
+        outcome, task, error = batch.settle_delivery(op, plan, delivery_id)
+        batch.writes.deliveries.append(
+            DeliveryRow(
+                delivery_id,
+                op.delivery,
+                outcome,
+                error.message if error else None,
+                task.task_id if task else None,
+            )
+        )
+        return IngestResult(delivery_id, outcome, task, error, batch.json_of(task))
+    if isinstance(op, Replay):
+        if plan is None:
+            return StoreError(f"no delivery {op.delivery_id}")
+        outcome, task, error = batch.settle_delivery(op, plan, op.delivery_id)
+        batch.writes.delivery_updates.append(
+            DeliveryUpdate(
+                op.delivery_id,
+                outcome,
+                error.message if error else None,
+                task.task_id if task else None,
+            )
+        )
+        return IngestResult(op.delivery_id, outcome, task, error, batch.json_of(task))
+    return None  # leases run after the batch's other writes
+
+
+def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:
+    try:
+        return interpret(delivery)
+    except Exception as error:  # a bug must not lose the delivery: keep it, replay later
+        logger.exception("interpreting a %s delivery failed", delivery.provider)
+        return Rejected("internal_error", f"could not interpret the delivery: {error}")
+
+
+def settle(ops: Sequence[Op], results: Sequence[object]) -> None:
+    """Resolve each caller with its result (after the commit), or its own error."""
+    for op, result in zip(ops, results, strict=True):
+        if op.future.done():
+            continue
+        if isinstance(result, BaseException):
+            op.future.set_exception(result)
+        else:
+            op.future.set_result(result)
+
+
+def fail(ops: Sequence[Op], error: Exception) -> None:
+    """The transaction failed: every caller gets a `StoreError` (nothing was written)."""
+    failure = error if isinstance(error, StoreError) else StoreError(f"write failed: {error}")
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(failure)
+
+
+class Writer:
+    """One task draining queued operations in batches of at most `max_batch`, one batch at
+    a time through `run` (which commits and settles them). `close()` drains what is queued
+    before it returns."""
+
+    def __init__(
+        self, run: Callable[[list[Op]], Awaitable[None]], max_batch: int = MAX_BATCH
+    ) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self, name: str) -> None:
+        self._task = asyncio.create_task(self._loop(), name=name)
+
+    async def submit(self, op: Op) -> Any:
+        if self._closing or self._task is None:
+            raise StoreError("the store is closed")
+        self._queue.put_nowait(op)
+        return await op.future
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._task is not None:
+            self._queue.put_nowait(None)  # drain what is queued, then stop
+            await self._task
+
+    async def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            ops: list[Op] = []
+            if first is None:
+                stopping = True
+            else:
+                ops.append(first)
+            while len(ops) < self.max_batch and not self._queue.empty():
+                op = self._queue.get_nowait()
+                if op is None:
+                    stopping = True
+                else:
+                    ops.append(op)
+            if ops:
+                await self._run(ops)

@@ -1,0 +1,95 @@
+"""How tasks and events are kept as text, the same in every backend.
+
+A task is stored as its public JSON (SPEC §2's task object) with the bookkeeping readers
+never see appended under `internal`; the indexed columns beside it are each backend's own.
+An event is stored as its public JSON *without* `seq`: a backend learns the seqs of a
+batch's events only when it writes them (PostgreSQL takes them from a counter as the last
+step before COMMIT), so `seq` is put in front when the event is read (`served`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from reconciler.codec import dumps, loads
+from reconciler.model import Change, EventType, Source, Status, Task, Video, iso, parse_iso
+
+
+def public_json(task: Task) -> str:
+    """The task object of SPEC §2 as JSON text: encoded once per change, then spliced into
+    the stored row, the event and the webhook's answer."""
+    return dumps(task.to_json())
+
+
+def task_to_json(task: Task, public: str | None = None) -> str:
+    """The stored form: the public object plus the bookkeeping readers never see."""
+    internal = {
+        "provider_updated_at": iso(task.provider_updated_at),
+        "poll_failures": task.poll_failures,
+        "result_missing_since": iso(task.result_missing_since),
+        "progress_event_at": iso(task.progress_event_at),
+        "conflicts": task.conflicts,
+    }
+    public = public or public_json(task)
+    return f'{public[:-1]},"internal":{dumps(internal)}}}'
+
+
+def task_from_json(text: str) -> Task:
+    data: dict[str, Any] = loads(text)
+    internal = data.get("internal", {})
+    created_at = parse_iso(data["created_at"])
+    updated_at = parse_iso(data["updated_at"])
+    deadline_at = parse_iso(data["deadline_at"])
+    assert created_at and updated_at and deadline_at
+    return Task(
+        provider=data["provider"],
+        task_id=data["task_id"],
+        action=data["action"],
+        status=Status(data["status"]),
+        created_at=created_at,
+        updated_at=updated_at,
+        deadline_at=deadline_at,
+        source=Source(data["source"]),
+        provider_status=data["provider_status"],
+        progress=data["progress"],
+        videos=tuple(Video.from_json(video) for video in data["videos"]),
+        error=data["error"],
+        metadata=data["metadata"],
+        completed_at=parse_iso(data["completed_at"]),
+        callbacks=data["callbacks"],
+        polls=data["polls"],
+        next_poll_at=parse_iso(data["next_poll_at"]),
+        version=data["version"],
+        registered=data.get("registered", False),
+        external_task_id=data.get("external_task_id"),
+        provider_updated_at=parse_iso(internal.get("provider_updated_at")),
+        poll_failures=internal.get("poll_failures", 0),
+        result_missing_since=parse_iso(internal.get("result_missing_since")),
+        progress_event_at=parse_iso(internal.get("progress_event_at")),
+        conflicts=internal.get("conflicts", 0),
+    )
+
+
+def event_json(change: Change, delivery_id: int | None, at: datetime, task_json: str) -> str:
+    """The event object of SPEC §2 as stored: without `seq`, the task's JSON spliced in."""
+    assert change.event is not None
+    task = change.task
+    head = {
+        "type": change.event.value,
+        "provider": task.provider,
+        "task_id": task.task_id,
+        # A late registration of a settled task keeps the task's source; its event is
+        # still the registration's.
+        "source": (Source.REGISTER if change.event is EventType.REGISTERED else task.source).value,
+        "status": task.status.value,
+        "previous_status": change.previous_status.value if change.previous_status else None,
+        "delivery_id": delivery_id,
+        "at": iso(at),
+    }
+    return f'{dumps(head)[:-1]},"task":{task_json}}}'
+
+
+def served(seq: int, stored: str) -> str:
+    """A stored event's JSON as served: `seq` first, then what was stored."""
+    return f'{{"seq":{seq},{stored[1:]}'
