@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from reconciler.errors import SignatureError
+from reconciler.errors import SignatureError, StoreError
 from reconciler.service import Invalid, UnknownTask
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,18 @@ async def bad_signature(request: Request, exc: Exception) -> Response:
     return error_response(401, "bad_signature", str(exc))
 
 
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    # SPEC §4: a write the store cannot commit is never acknowledged; the sender (for a
+    # webhook, the provider) tries again later. The driver's own text stays in the log: it
+    # may quote the database's address.
+    logger.error("the store refused %s %s: %s", request.method, request.url.path, exc)
+    response = error_response(
+        503, "store_unavailable", "the database cannot take this request now; try again later"
+    )
+    response.headers["retry-after"] = "5"
+    return response
+
+
 async def unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "the server failed to handle this request")
@@ -96,5 +108,6 @@ HANDLERS: dict[Any, Any] = {
     Invalid: invalid,
     UnknownTask: unknown_task,
     SignatureError: bad_signature,
+    StoreError: store_unavailable,
     Exception: unexpected,
 }
