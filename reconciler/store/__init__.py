@@ -16,9 +16,14 @@ def open_store(url: str, on_commit: Callable[[Commit], None] | None = None) -> S
 
         return SQLiteStore(url[len("sqlite:///") :], on_commit=on_commit)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(
-            "RECONCILER_DATABASE_URL: the PostgreSQL backend is not available in this version."
-        )
+        try:
+            from reconciler.store.postgres import PostgresStore
+        except ImportError:
+            raise ConfigError(
+                "RECONCILER_DATABASE_URL is a PostgreSQL URL, but asyncpg is not installed: "
+                "pip install 'reconciler[postgres]'."
+            ) from None
+        return PostgresStore(url, on_commit=on_commit)
     raise ConfigError(f"RECONCILER_DATABASE_URL: unsupported scheme in {url.split(':', 1)[0]!r}.")
 
 

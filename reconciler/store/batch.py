@@ -149,14 +149,19 @@ class Transaction(Protocol):
         """Ids for `count` new deliveries."""
         ...
 
-    async def write(self, writes: Writes) -> int:
-        """Write every row; number `writes.events` contiguously, in order, after the
-        current head of the log, and return the first seq (the head + 1)."""
+    async def write(self, writes: Writes) -> None:
+        """Write the deliveries, tasks and delivery updates (not the events)."""
         ...
 
     async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
-        """Due tasks (`next_poll_at <= now`), earliest first, their `next_poll_at` moved to
-        `until`."""
+        """Due tasks (`next_poll_at <= now`), earliest first, as they were (due), their
+        `next_poll_at` moved to `until`."""
+        ...
+
+    async def append(self, events: Sequence[EventRecord], earliest_due: datetime | None) -> int:
+        """The transaction's last statements: number `events` contiguously, in order, after
+        the log's head and write them; tell other replicas (if any) what was committed.
+        Returns the first seq given (the head + 1)."""
         ...
 
 
@@ -306,7 +311,8 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
             results.append(error)
 
     writes = batch.writes
-    first_seq = await tx.write(writes) if writes else None
+    if writes:
+        await tx.write(writes)
     due = [row.task.next_poll_at for row in writes.tasks.values() if row.task.next_poll_at]
     for index, op in enumerate(ops):
         if isinstance(op, Lease):
@@ -315,15 +321,18 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
             results[index] = leased
             if leased:
                 due.append(until)
-        elif isinstance(op, Apply) and isinstance(result := results[index], ApplyResult):
-            event = batch.event_index.get(id(op))
-            if event is not None and first_seq is not None:
-                results[index] = ApplyResult(result.task, result.created, first_seq + event)
     if not writes and not due:
         return results, None
+    # Numbered last: where several replicas write, the log's head is locked from here to
+    # COMMIT, so writers commit in seq order and a reader never sees seq N+1 before N.
+    earliest_due = min(due, default=None)
+    first_seq = await tx.append(writes.events, earliest_due)
+    for index, op in enumerate(ops):
+        event = batch.event_index.get(id(op))
+        if event is not None and isinstance(result := results[index], ApplyResult):
+            results[index] = ApplyResult(result.task, result.created, first_seq + event)
     events = len(writes.events)
-    last_seq = first_seq + events - 1 if first_seq is not None and events else 0
-    return results, Commit(last_seq, events, min(due, default=None))
+    return results, Commit(first_seq + events - 1 if events else 0, events, earliest_due)
 
 
 def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:

@@ -1,7 +1,8 @@
 """How tasks and events are kept as text, the same in every backend.
 
 A task is stored as its public JSON (SPEC §2's task object) with the bookkeeping readers
-never see appended under `internal`; the indexed columns beside it are each backend's own.
+never see appended under `internal`; the indexed columns beside it are each backend's own,
+and the `next_poll_at` column is the truth (`task_from_json`).
 An event is stored as its public JSON *without* `seq`: a backend learns the seqs of a
 batch's events only when it writes them (PostgreSQL takes them from a counter as the last
 step before COMMIT), so `seq` is put in front when the event is read (`served`).
@@ -35,7 +36,9 @@ def task_to_json(task: Task, public: str | None = None) -> str:
     return f'{public[:-1]},"internal":{dumps(internal)}}}'
 
 
-def task_from_json(text: str) -> Task:
+def task_from_json(text: str, next_poll_at: datetime | None) -> Task:
+    """A stored task. Its `next_poll_at` is the row's column, not the JSON's: a lease moves
+    only the column (one small update), so the JSON may still hold the time before it."""
     data: dict[str, Any] = loads(text)
     internal = data.get("internal", {})
     created_at = parse_iso(data["created_at"])
@@ -59,7 +62,7 @@ def task_from_json(text: str) -> Task:
         completed_at=parse_iso(data["completed_at"]),
         callbacks=data["callbacks"],
         polls=data["polls"],
-        next_poll_at=parse_iso(data["next_poll_at"]),
+        next_poll_at=next_poll_at,
         version=data["version"],
         registered=data.get("registered", False),
         external_task_id=data.get("external_task_id"),

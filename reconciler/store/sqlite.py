@@ -50,6 +50,7 @@ from reconciler.store.base import (
 )
 from reconciler.store.batch import (
     Apply,
+    EventRecord,
     Ingest,
     Lease,
     Op,
@@ -89,12 +90,9 @@ _UPDATE_DELIVERY = "UPDATE deliveries SET outcome = ?, error = ?, task_id = ? WH
 _NEXT_IDS = """
 SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(id), 0) FROM deliveries)
 """
-_LEASE = """
-UPDATE tasks SET next_poll_at = ?, data = json_set(data, '$.next_poll_at', ?)
-WHERE provider = ? AND task_id = ?
-"""
+_LEASE = "UPDATE tasks SET next_poll_at = ? WHERE provider = ? AND task_id = ?"
 _SELECT_DUE = """
-SELECT data FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
+SELECT data, next_poll_at FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
 ORDER BY next_poll_at LIMIT ?
 """
 
@@ -166,11 +164,11 @@ class _Transaction:
         for provider, task_ids in _by_provider(refs).items():
             for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
                 sql = (
-                    "SELECT data FROM tasks WHERE provider = ? "
+                    "SELECT data, next_poll_at FROM tasks WHERE provider = ? "
                     f"AND task_id IN ({','.join('?' * len(chunk))})"
                 )
                 found.extend(
-                    task_from_json(data) for (data,) in self.db.execute(sql, [provider, *chunk])
+                    _task(data, due) for data, due in self.db.execute(sql, [provider, *chunk])
                 )
         return found
 
@@ -179,9 +177,8 @@ class _Transaction:
         self.last_delivery += count
         return list(range(first, first + count))
 
-    async def write(self, writes: Writes) -> int:
+    async def write(self, writes: Writes) -> None:
         db = self.db
-        first_seq = self.last_seq + 1
         if writes.deliveries:
             db.executemany(
                 _INSERT_DELIVERY,
@@ -204,29 +201,32 @@ class _Transaction:
             db.executemany(
                 _UPSERT_TASK, [_task_row(row.task, row.data) for row in writes.tasks.values()]
             )
-        if writes.events:
-            db.executemany(
-                _INSERT_EVENT,
-                [
-                    (seq, event.provider, event.task_id, event.type, epoch(event.at), event.body)
-                    for seq, event in enumerate(writes.events, start=first_seq)
-                ],
-            )
-            self.last_seq += len(writes.events)
         if writes.delivery_updates:
             db.executemany(
                 _UPDATE_DELIVERY,
                 [(u.outcome.value, u.error, u.task_id, u.id) for u in writes.delivery_updates],
             )
+
+    async def append(self, events: Sequence[EventRecord], earliest_due: datetime | None) -> int:
+        first_seq = self.last_seq + 1
+        if events:
+            self.db.executemany(
+                _INSERT_EVENT,
+                [
+                    (seq, event.provider, event.task_id, event.type, epoch(event.at), event.body)
+                    for seq, event in enumerate(events, start=first_seq)
+                ],
+            )
+            self.last_seq += len(events)
         return first_seq
 
     async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
         rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
-        tasks = [task_from_json(data) for (data,) in rows]
+        tasks = [_task(data, due) for data, due in rows]
         if tasks:
-            # Only the poll time changes: patch it in place rather than re-encode each task.
-            moved = (epoch(until), iso(until))
-            self.db.executemany(_LEASE, [(*moved, task.provider, task.task_id) for task in tasks])
+            # Only the poll time changes: the column alone (see `rows.task_from_json`).
+            moved = epoch(until)
+            self.db.executemany(_LEASE, [(moved, task.provider, task.task_id) for task in tasks])
         return tasks
 
 
@@ -444,9 +444,10 @@ class SQLiteStore:
 
     async def get_task(self, ref: TaskRef) -> Task | None:
         rows = await self._fetch(
-            "SELECT data FROM tasks WHERE provider = ? AND task_id = ?", (ref.provider, ref.task_id)
+            "SELECT data, next_poll_at FROM tasks WHERE provider = ? AND task_id = ?",
+            (ref.provider, ref.task_id),
         )
-        return task_from_json(rows[0][0]) if rows else None
+        return _task(*rows[0]) if rows else None
 
     async def list_tasks(
         self,
@@ -469,11 +470,11 @@ class SQLiteStore:
             params.extend((epoch(created_at), provider_key, task_key))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         sql = (
-            f"SELECT data FROM tasks {clause} "
+            f"SELECT data, next_poll_at FROM tasks {clause} "
             "ORDER BY created_at DESC, provider DESC, task_id DESC LIMIT ?"
         )
         rows = await self._fetch(sql, [*params, limit])
-        return [task_from_json(data) for (data,) in rows]
+        return [_task(data, due) for data, due in rows]
 
     async def events_after(
         self, after: int, limit: int, provider: str | None = None, task_id: str | None = None
@@ -660,6 +661,10 @@ def _task_row(task: Task, data: str) -> tuple[Any, ...]:
         task.version,
         data,
     )
+
+
+def _task(data: str, next_poll_at: float | None) -> Task:
+    return task_from_json(data, None if next_poll_at is None else from_epoch(next_poll_at))
 
 
 def _by_provider(keys: Collection[tuple[str, str]]) -> dict[str, list[str]]:

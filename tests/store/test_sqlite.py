@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import MigrationError
-from reconciler.model import Change, EventType, Outcome, Source, Status, Task, TaskRef
+from reconciler.model import Change, EventType, Source, Status, Task, TaskRef
 from reconciler.state import new_task
 from reconciler.store import migrations
-from reconciler.store.base import Accepted, NewDelivery, Rejected
+from reconciler.store.base import NewDelivery
 from reconciler.store.sqlite import SQLiteStore
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -141,64 +141,6 @@ async def test_group_commit_batches_and_resumes_only_after_commit(tmp_path: Path
         assert observer.execute("SELECT COUNT(*) FROM events").fetchone() == (200,)
         seqs = [s for (s,) in observer.execute("SELECT seq FROM events ORDER BY seq")]
         assert seqs == list(range(1, 201))
-
-
-async def test_ingest_dedupes_and_keeps_rejected(store: SQLiteStore) -> None:
-    ref = TaskRef("kling", "a")
-
-    def interpret(d: NewDelivery) -> Accepted | Rejected:
-        if d.body == b"bad":
-            return Rejected("bad_payload", "not JSON")
-        return Accepted([ref], creating(ref))
-
-    first, dup, bad = await asyncio.gather(
-        store.ingest(delivery(b'{"x":1}'), interpret),
-        store.ingest(delivery(b'{"x":1}'), interpret),
-        store.ingest(delivery(b"bad"), interpret),
-    )
-    assert first.outcome is Outcome.APPLIED and first.task is not None
-    assert dup.duplicate and dup.task is not None and dup.task.task_id == "a"
-    assert bad.outcome is Outcome.REJECTED and bad.error == Rejected("bad_payload", "not JSON")
-    later = await store.ingest(delivery(b'{"x":1}'), interpret)
-    assert later.duplicate
-    stored = await store.deliveries()
-    assert [d.outcome for d in stored] == [
-        Outcome.APPLIED,
-        Outcome.DUPLICATE,
-        Outcome.REJECTED,
-        Outcome.DUPLICATE,
-    ]
-    assert stored[2].body == b"bad" and stored[2].error == "not JSON"
-    assert [e.seq for e in await store.events_after(0, 10)] == [1]
-    # A fixed interpreter re-applies the rejected delivery.
-    other = TaskRef("kling", "b")
-    replayed = await store.replay(stored[2].id, lambda d: Accepted([other], creating(other)))
-    assert replayed.outcome is Outcome.APPLIED
-    assert (await store.deliveries(rejected_only=True)) == []
-
-
-async def test_lease_pushes_due_tasks_forward(store: SQLiteStore) -> None:
-    for n in range(5):
-        ref = TaskRef("kling", f"t{n}")
-        await store.apply([ref], creating(ref))
-    assert await store.next_due_at() == NOW + timedelta(seconds=60)
-    assert await store.lease_due(NOW, 10, 30) == []
-    due = await store.lease_due(NOW + timedelta(seconds=60), 3, 30)
-    assert len(due) == 3
-    again = await store.lease_due(NOW + timedelta(seconds=60), 10, 30)
-    assert len(again) == 2
-    assert await store.next_due_at() == NOW + timedelta(seconds=90)
-
-
-async def test_list_tasks_pages_newest_first(store: SQLiteStore) -> None:
-    for n in range(5):
-        ref = TaskRef("kling", f"t{n}")
-        await store.apply([ref], creating(ref))
-    page = await store.list_tasks(limit=3)
-    assert [t.task_id for t in page] == ["t4", "t3", "t2"]
-    last = page[-1]
-    rest = await store.list_tasks(limit=3, before=(last.created_at, last.provider, last.task_id))
-    assert [t.task_id for t in rest] == ["t1", "t0"]
 
 
 async def test_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:

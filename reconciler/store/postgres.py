@@ -1,0 +1,665 @@
+"""The PostgreSQL backend: several replicas on one database behave as one Reconciler
+(SPEC §4 "Several replicas on PostgreSQL").
+
+Each replica keeps its own group commit: one writer connection runs each batch of queued
+operations as one transaction through `batch.write_batch`, whose statements this module
+runs. What makes N replicas agree:
+
+- **Locks, always in one order.** A batch first takes transaction-scoped advisory locks on
+  every body it stores and every task it may write (hashed keys, sorted), then loads those
+  tasks `FOR UPDATE`, and takes the log's head last. No two writers can wait on each other
+  in a cycle, the same body at two replicas is applied once, and a registration racing the
+  task's first callback makes one task.
+- **A gap-free log.** Event seqs come from the one-row `log_head`
+  (`UPDATE … SET last_seq = last_seq + n RETURNING`) as the transaction's last statement.
+  Its row lock is held to COMMIT, so event-writing transactions commit in seq order, seqs
+  stay contiguous, and a rollback gives its numbers back: a reader at `after=S` can never
+  later find an event with a seq <= S that it did not see.
+- **Leases.** Due tasks are taken `FOR UPDATE SKIP LOCKED` and pushed forward by the lease in
+  the same statement; a replica killed holding leases only delays those tasks.
+- **Live everywhere.** Each write transaction sends `NOTIFY` (delivered at COMMIT) with the
+  log's head and its earliest poll time. Every replica LISTENs on a connection of its own
+  (not the pool), publishes what it hears to its feed, reconnects when that connection
+  drops, and reads the head every few seconds anyway (a lost notification delays a reader,
+  never loses an event).
+- **One loop.** `leadership()` waits for a session advisory lock on a dedicated connection:
+  the replica holding it runs the reconciler loop, so provider limits hold for all.
+
+JSON is stored as text, never jsonb (see migrations/postgresql/0001). PostgreSQL text cannot
+hold a NUL character, so the few plain-text columns that may carry provider words get them
+replaced; JSON text escapes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from reconciler.codec import dumps, loads
+from reconciler.errors import MigrationError, StoreError
+from reconciler.model import Commit, Delivery, Outcome, Task, TaskRef
+from reconciler.store import migrations
+from reconciler.store.base import (
+    ApplyResult,
+    Decide,
+    EventRow,
+    IngestResult,
+    Interpret,
+    ListPosition,
+    NewDelivery,
+    Settled,
+)
+from reconciler.store.batch import (
+    Apply,
+    EventRecord,
+    Ingest,
+    Lease,
+    Op,
+    Replay,
+    Writer,
+    Writes,
+    fail,
+    settle,
+    write_batch,
+)
+from reconciler.store.rows import served, task_from_json
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "reconciler_commits"
+# Session advisory locks (a single 64-bit key each): one for migrations, one for the loop.
+MIGRATION_LOCK = 0x5245_434F_4E00_0001
+LEADER_LOCK = 0x5245_434F_4E00_0002
+READERS = 8  # pooled connections for reads, per replica
+WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
+RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start
+SESSION = {
+    # A writer never waits long for a lock, and never sits in an open transaction.
+    "lock_timeout": "10s",
+    "idle_in_transaction_session_timeout": "60s",
+}
+
+_LOCK = "SELECT count(pg_advisory_xact_lock(key)) FROM unnest($1::bigint[]) AS key"
+_DUPLICATES = """
+SELECT provider, sha256, task_id FROM deliveries
+WHERE (provider, sha256) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND outcome <> 'rejected'
+"""
+_STORED_DELIVERIES = """
+SELECT id, provider, received_at, headers, body, sha256 FROM deliveries WHERE id = ANY($1::bigint[])
+"""
+_TASKS_FOR_UPDATE = """
+SELECT data, next_poll_at FROM tasks
+WHERE (provider, task_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+FOR UPDATE
+"""
+_DELIVERY_IDS = "SELECT nextval('deliveries_id_seq') FROM generate_series(1, $1)"
+_INSERT_DELIVERIES = """
+INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, outcome, error, task_id)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::bytea[],
+                     $6::text[], $7::text[], $8::text[], $9::text[])
+"""
+_UPSERT_TASKS = """
+INSERT INTO tasks (provider, task_id, status, source, external_task_id, created_at,
+                   updated_at, next_poll_at, version, data)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[],
+                     $10::text[])
+ON CONFLICT (provider, task_id) DO UPDATE SET
+    status = excluded.status, source = excluded.source,
+    external_task_id = excluded.external_task_id, updated_at = excluded.updated_at,
+    next_poll_at = excluded.next_poll_at, version = excluded.version, data = excluded.data
+"""
+_UPDATE_DELIVERIES = """
+UPDATE deliveries AS d SET outcome = u.outcome, error = u.error, task_id = u.task_id
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(id, outcome, error, task_id)
+WHERE d.id = u.id
+"""
+# MATERIALIZED: the planner must not fold the CTE into the UPDATE and lock (or update) more
+# rows than the limit.
+_LEASE = """
+WITH due AS MATERIALIZED (
+    SELECT provider, task_id, next_poll_at FROM tasks
+    WHERE next_poll_at <= $1
+    ORDER BY next_poll_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks SET next_poll_at = $3 FROM due
+WHERE tasks.provider = due.provider AND tasks.task_id = due.task_id
+RETURNING tasks.data, due.next_poll_at
+"""
+# The last statement before COMMIT: number the events, write them, and notify.
+_APPEND = """
+WITH head AS (UPDATE log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq),
+written AS (
+    INSERT INTO events (seq, provider, task_id, type, at, body)
+    SELECT head.last_seq - $1 + e.n, e.provider, e.task_id, e.type, e.at, e.body
+    FROM head, unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+        WITH ORDINALITY AS e(provider, task_id, type, at, body, n)
+)
+SELECT last_seq, pg_notify($7, last_seq::text || ' ' || $8) FROM head
+"""
+_NOTIFY = "SELECT pg_notify($1, '0 ' || $2)"
+_HEAD = "SELECT last_seq FROM log_head WHERE id = 1"
+
+
+def lock_key(key: str) -> int:
+    """A signed 64-bit advisory-lock key for `key` (a collision only serializes two
+    unrelated writes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _text(value: str | None) -> str | None:
+    """A provider's word for a plain text column: PostgreSQL text holds no NUL."""
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _notice(commit_due: datetime | None) -> str:
+    return "-" if commit_due is None else repr(commit_due.timestamp())
+
+
+def parse_notice(payload: str) -> Commit | None:
+    """A notification's `last_seq earliest_due` as a Commit (its events are not counted
+    here: another replica wrote them)."""
+    try:
+        head, _, due = payload.partition(" ")
+        earliest = None if due in ("", "-") else datetime.fromtimestamp(float(due), UTC)
+        return Commit(int(head), 0, earliest)
+    except (ValueError, OverflowError, OSError):
+        logger.warning("ignoring a malformed notification on %s", CHANNEL)
+        return None
+
+
+class _Transaction:
+    """`batch.Transaction` on the writer connection, inside one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def lock(self, keys: Collection[str]) -> None:
+        if keys:
+            await self.conn.execute(_LOCK, sorted({lock_key(key) for key in keys}))
+
+    async def duplicates(
+        self, keys: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], str | None]:
+        providers, shas = _columns(keys, 2)
+        rows = await self.conn.fetch(_DUPLICATES, providers, shas)
+        return {(row[0], row[1]): row[2] for row in rows}
+
+    async def stored_deliveries(self, ids: Collection[int]) -> dict[int, NewDelivery]:
+        rows = await self.conn.fetch(_STORED_DELIVERIES, list(ids))
+        return {
+            did: NewDelivery(provider, received_at, loads(headers), bytes(body), sha)
+            for did, provider, received_at, headers, body, sha in rows
+        }
+
+    async def tasks(self, refs: Collection[TaskRef]) -> list[Task]:
+        providers, task_ids = _columns(sorted(refs), 2)
+        rows = await self.conn.fetch(_TASKS_FOR_UPDATE, providers, task_ids)
+        return [task_from_json(data, due) for data, due in rows]
+
+    async def delivery_ids(self, count: int) -> list[int]:
+        return [row[0] for row in await self.conn.fetch(_DELIVERY_IDS, count)]
+
+    async def write(self, writes: Writes) -> None:
+        conn = self.conn
+        if writes.deliveries:
+            await conn.execute(
+                _INSERT_DELIVERIES,
+                *_columns(
+                    [
+                        (
+                            row.id,
+                            row.delivery.provider,
+                            row.delivery.received_at,
+                            dumps(dict(row.delivery.headers)),
+                            row.delivery.body,
+                            row.delivery.sha256,
+                            row.outcome.value,
+                            _text(row.error),
+                            _text(row.task_id),
+                        )
+                        for row in writes.deliveries
+                    ],
+                    9,
+                ),
+            )
+        if writes.tasks:
+            await conn.execute(
+                _UPSERT_TASKS,
+                *_columns(
+                    [
+                        (
+                            task.provider,
+                            task.task_id,
+                            task.status.value,
+                            task.source.value,
+                            _text(task.external_task_id),
+                            task.created_at,
+                            task.updated_at,
+                            task.next_poll_at,
+                            task.version,
+                            row.data,
+                        )
+                        for row in writes.tasks.values()
+                        for task in (row.task,)
+                    ],
+                    10,
+                ),
+            )
+        if writes.delivery_updates:
+            await conn.execute(
+                _UPDATE_DELIVERIES,
+                *_columns(
+                    [
+                        (u.id, u.outcome.value, _text(u.error), _text(u.task_id))
+                        for u in writes.delivery_updates
+                    ],
+                    4,
+                ),
+            )
+
+    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
+        rows = await self.conn.fetch(_LEASE, now, limit, until)
+        tasks = [task_from_json(data, due) for data, due in rows]
+        tasks.sort(key=lambda task: task.next_poll_at or now)
+        return tasks
+
+    async def append(self, events: Sequence[EventRecord], earliest_due: datetime | None) -> int:
+        if not events:
+            await self.conn.execute(_NOTIFY, CHANNEL, _notice(earliest_due))
+            return 0
+        columns = _columns([(e.provider, e.task_id, e.type, e.at, e.body) for e in events], 5)
+        row = await self.conn.fetchrow(
+            _APPEND, len(events), *columns, CHANNEL, _notice(earliest_due)
+        )
+        assert row is not None
+        last_seq: int = row[0]
+        return last_seq - len(events) + 1
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_commit: Callable[[Commit], None] | None = None,
+        readers: int = READERS,
+        watchdog_seconds: float = WATCHDOG_SECONDS,
+    ) -> None:
+        self.url = url
+        self._on_commit = on_commit
+        self._readers = readers
+        self.watchdog_seconds = watchdog_seconds
+        self._pool: asyncpg.Pool | None = None
+        self._writer_conn: asyncpg.Connection | None = None
+        self._writer = Writer(self._run)
+        self._listening: asyncio.Task[None] | None = None
+        self._opened = False
+        self._closing = False
+        self.commits = 0
+        self.retried = 0  # batches run again after a deadlock or lock timeout
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> PostgresStore:
+        if self._opened:
+            raise StoreError("this store was already opened")
+        self._opened = True
+        try:
+            setup = await self._connect("migrate")
+            try:
+                await migrate(setup)
+            finally:
+                await setup.close()
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self._readers,
+                server_settings=SESSION | {"application_name": "reconciler-reader"},
+            )
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._writer.start("postgres-writer")
+        self._listening = asyncio.create_task(self._listen(), name="postgres-listener")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        await self._writer.close()  # drains what is queued
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        if self._writer_conn is not None:
+            conn, self._writer_conn = self._writer_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(Exception):
+                await pool.close()
+
+    async def _connect(self, role: str) -> asyncpg.Connection:
+        """A connection of its own, named for `role` in pg_stat_activity."""
+        settings = SESSION | {"application_name": f"reconciler-{role}"}
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(self.url, server_settings=settings)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # The class only: a driver's message may quote the connection string.
+            raise StoreError(f"cannot connect to PostgreSQL ({type(error).__name__})") from None
+        return conn
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def ingest(self, delivery: NewDelivery, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._writer.submit(Ingest(delivery, interpret))
+        return result
+
+    async def apply(
+        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
+    ) -> ApplyResult:
+        result: ApplyResult = await self._writer.submit(Apply(candidates, decide, delivery_id))
+        return result
+
+    async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._writer.submit(Replay(delivery_id, interpret))
+        return result
+
+    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
+        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds))
+        return result
+
+    async def _run(self, ops: list[Op]) -> None:
+        """One batch as one transaction; run again from the start (the decisions are pure)
+        when PostgreSQL broke a deadlock or a lock wait timed out."""
+        for attempt in range(1, RETRIES + 1):
+            try:
+                conn = await self._writer_connection()
+                async with conn.transaction():
+                    results, commit = await write_batch(_Transaction(conn), ops)
+                break
+            except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as error:
+                if attempt == RETRIES:
+                    fail(ops, StoreError(f"write failed: {type(error).__name__}"))
+                    return
+                self.retried += 1
+                logger.warning("write batch hit %s; running it again", type(error).__name__)
+            except Exception as error:
+                # Whatever broke (the database, the connection, a bug), no caller may think
+                # its write was committed; the next batch starts on a new connection.
+                logger.error("write transaction of %d operations failed: %r", len(ops), error)
+                await self._drop_writer()
+                fail(ops, StoreError(f"write failed ({type(error).__name__})"))
+                return
+        self.commits += 1
+        if commit is not None and self._on_commit is not None:
+            self._on_commit(commit)
+        settle(ops, results)
+
+    async def _writer_connection(self) -> asyncpg.Connection:
+        if self._writer_conn is None or self._writer_conn.is_closed():
+            self._writer_conn = await self._connect("writer")
+        return self._writer_conn
+
+    async def _drop_writer(self) -> None:
+        """After an error that may have broken the connection: the next batch reconnects."""
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+    # --- other replicas' commits --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own; on every notification, and every
+        `watchdog_seconds` whatever was heard, publish the log's head. A connection that
+        drops, or that does not answer the watchdog's read, is replaced."""
+        while True:
+            try:
+                conn = await self._connect("listener")
+            except StoreError as error:
+                logger.warning("listener: %s; trying again", error)
+                await asyncio.sleep(1.0)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _, lost=lost: lost.set())
+
+            def heard(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+                commit = parse_notice(str(payload))
+                if commit is not None:
+                    self._publish(commit)
+
+            try:
+                await conn.add_listener(CHANNEL, heard)
+                while not lost.is_set():
+                    # Read after LISTEN: a commit made before it was not notified to us.
+                    async with asyncio.timeout(self.watchdog_seconds):
+                        self._publish(Commit(await conn.fetchval(_HEAD)))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.watchdog_seconds):
+                            await lost.wait()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                logger.warning("listener connection lost (%s); reconnecting", type(error).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+
+    def _publish(self, commit: Commit) -> None:
+        if self._on_commit is not None:
+            self._on_commit(commit)
+
+    # --- the loop's lock ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def leadership(self) -> AsyncIterator[asyncio.Event]:
+        """Wait until this replica holds the loop's lock; yield an Event that is set if the
+        lock may have been lost (its connection dropped or stopped answering). Leaving
+        releases it, so another replica takes over at once."""
+        conn = await self._connect("leader")
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        watching: asyncio.Task[None] | None = None
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", LEADER_LOCK)
+            watching = asyncio.create_task(self._watch(conn, lost), name="postgres-leader")
+            yield lost
+        finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)  # ends the session: the lock goes with it
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        while not lost.is_set():
+            try:
+                async with asyncio.timeout(self.watchdog_seconds):
+                    await conn.fetchval("SELECT 1")
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                lost.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.watchdog_seconds):
+                    await lost.wait()
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *params: object) -> list[Any]:
+        if self._pool is None or self._closing:
+            raise StoreError("the store is closed")
+        try:
+            return list(await self._pool.fetch(sql, *params))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise StoreError(f"read failed ({type(error).__name__})") from None
+
+    async def next_due_at(self) -> datetime | None:
+        rows = await self._fetch(
+            "SELECT min(next_poll_at) FROM tasks WHERE next_poll_at IS NOT NULL"
+        )
+        due: datetime | None = rows[0][0]
+        return due
+
+    async def get_task(self, ref: TaskRef) -> Task | None:
+        rows = await self._fetch(
+            "SELECT data, next_poll_at FROM tasks WHERE provider = $1 AND task_id = $2",
+            ref.provider,
+            ref.task_id,
+        )
+        return task_from_json(*rows[0]) if rows else None
+
+    async def list_tasks(
+        self,
+        status: str | None = None,
+        provider: str | None = None,
+        limit: int = 100,
+        before: ListPosition | None = None,
+    ) -> list[Task]:
+        where: list[str] = []
+        params: list[object] = []
+        if status is not None:
+            params.append(status)
+            where.append(f"status = ${len(params)}")
+        if provider is not None:
+            params.append(provider)
+            where.append(f"provider = ${len(params)}")
+        if before is not None:
+            params.extend(before)
+            n = len(params)
+            where.append(f"(created_at, provider, task_id) < (${n - 2}, ${n - 1}, ${n})")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        sql = (
+            f"SELECT data, next_poll_at FROM tasks {clause} "
+            f"ORDER BY created_at DESC, provider DESC, task_id DESC LIMIT ${len(params)}"
+        )
+        return [task_from_json(data, due) for data, due in await self._fetch(sql, *params)]
+
+    async def events_after(
+        self, after: int, limit: int, provider: str | None = None, task_id: str | None = None
+    ) -> list[EventRow]:
+        params: list[object] = [after]
+        where = ["seq > $1"]
+        if provider is not None:
+            params.append(provider)
+            where.append(f"provider = ${len(params)}")
+        if task_id is not None:
+            params.append(task_id)
+            where.append(f"task_id = ${len(params)}")
+        params.append(limit)
+        sql = (
+            f"SELECT seq, provider, task_id, type, body FROM events WHERE {' AND '.join(where)} "
+            f"ORDER BY seq LIMIT ${len(params)}"
+        )
+        return [
+            EventRow(seq, provider_, task, type_, served(seq, body))
+            for seq, provider_, task, type_, body in await self._fetch(sql, *params)
+        ]
+
+    async def last_seq(self) -> int:
+        rows = await self._fetch(_HEAD)
+        head: int = rows[0][0]
+        return head
+
+    async def deliveries(
+        self, ids: Sequence[int] | None = None, rejected_only: bool = False, limit: int = 1000
+    ) -> list[Delivery]:
+        where: list[str] = []
+        params: list[object] = []
+        if ids is not None:
+            if not ids:
+                return []
+            params.append(list(ids))
+            where.append(f"id = ANY(${len(params)}::bigint[])")
+        if rejected_only:
+            where.append("outcome = 'rejected'")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        rows = await self._fetch(
+            "SELECT id, provider, received_at, headers, body, sha256, outcome, error, task_id "
+            f"FROM deliveries {clause} ORDER BY id LIMIT ${len(params)}",
+            *params,
+        )
+        return [
+            Delivery(
+                did,
+                provider,
+                at,
+                loads(headers),
+                bytes(body),
+                sha,
+                Outcome(outcome),
+                error,
+                task_id,
+            )
+            for did, provider, at, headers, body, sha, outcome, error, task_id in rows
+        ]
+
+    async def settled_counts(self) -> list[Settled]:
+        rows = await self._fetch(
+            "SELECT provider, status, source, count(*) FROM tasks GROUP BY provider, status, source"
+        )
+        return [Settled(*row) for row in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply pending migrations under a session lock, so that replicas starting together on
+    an empty database migrate once (the others wait, then find nothing to do)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "number INTEGER PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT NOT NULL, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        rows = await conn.fetch("SELECT number, name, sha256 FROM schema_migrations")
+        applied = [migrations.Applied(*row) for row in rows]
+        todo = migrations.pending(migrations.load("postgresql"), applied)
+        for migration in todo:
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (number, name, sha256) VALUES ($1, $2, $3)",
+                        migration.number,
+                        migration.name,
+                        migration.sha256,
+                    )
+            except asyncpg.PostgresError as error:
+                raise MigrationError(
+                    f"migration {migration.number:04d}_{migration.name} failed: {error}"
+                ) from error
+        return [f"{m.number:04d}_{m.name}" for m in todo]
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+def _columns(rows: Collection[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as columns, for one `unnest(...)` statement instead of one per row."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
