@@ -17,7 +17,9 @@ decided once for every backend, in `store/batch.py`; a backend runs the statemen
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -146,3 +148,8 @@ class Store(Protocol):
     async def settled_counts(self) -> list[Settled]: ...
 
     async def ping(self) -> None: ...
+
+    def leadership(self) -> AbstractAsyncContextManager[asyncio.Event]:
+        """Wait until this process may run the reconciler loop (one process in the whole
+        deployment does); the Event it yields is set if that may have ended."""
+        ...

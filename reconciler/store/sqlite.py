@@ -542,6 +542,11 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
 
+    @contextlib.asynccontextmanager
+    async def leadership(self) -> AsyncIterator[asyncio.Event]:
+        """One process owns a SQLite file: its loop leads from the start, for good."""
+        yield asyncio.Event()
+
 
 _TIMES = (
     "created_at",

@@ -252,3 +252,9 @@ async def test_close_is_idempotent_and_refuses_later_writes(backend: OpenStore) 
     with pytest.raises(StoreError):
         async with store:
             pass
+
+
+async def test_a_lone_replica_leads_at_once(any_store: Store) -> None:
+    async with asyncio.timeout(10), any_store.leadership() as lost:
+        assert not lost.is_set()
+        await any_store.ping()  # the lock holds no connection a reader needs
