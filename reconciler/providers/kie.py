@@ -124,10 +124,14 @@ class Kie(Provider):
             response = yield self._request(task)
             try:
                 results.append(self._result(task, response))
+            except (NotFound, BadPayload) as error:
+                # An HTTP 404 or 4xx about this one query concerns this task, not the
+                # provider: raised, it would count toward the breaker for every task.
+                results.append(PollResult(task.task_id, error=error))
             except OverflowError:
                 # base's number helpers reject integers too large for a float this way.
-                error = BadPayload(f"{self.name}: a number in the answer is out of range")
-                results.append(PollResult(task.task_id, error=error))
+                overflow = BadPayload(f"{self.name}: a number in the answer is out of range")
+                results.append(PollResult(task.task_id, error=overflow))
         return results
 
     def _request(self, task: Task) -> httpx.Request:
