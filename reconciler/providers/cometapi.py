@@ -14,7 +14,6 @@ as it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 import httpx
 
@@ -26,42 +25,21 @@ from reconciler.errors import (
     ServerError,
     excerpt,
 )
-from reconciler.model import Observation, Task
-from reconciler.providers.base import (
-    PollFlow,
-    Provider,
-    dig,
-    one_by_one,
-    retry_after,
-    text,
-)
-from reconciler.providers.kling import (
-    business_code,
-    kling_error,
-    parse_kling_payload,
-    passthrough_query,
-)
+from reconciler.model import Observation
+from reconciler.providers.base import dig, retry_after, text
+from reconciler.providers.kling import business_code, kling_error, parse_kling_payload
+from reconciler.providers.passthrough import KlingPassthrough
 
 # new-api's "task does not exist" word, which CometAPI (same lineage) is likely to share.
 _NOT_FOUND_WORDS = ("task_not_exist", "task not exist", "task_not_found")
 
 
-class CometAPI(Provider):
+class CometAPI(KlingPassthrough):
     name = "cometapi"
-    batch_size = 1  # no batch query
 
     def parse_callback(self, payload: object) -> Observation:
         # CometAPI documents Kling's legacy callback body (PROVIDERS §3).
         return parse_kling_payload(payload, self.name)
-
-    def query_request(self, task: Task) -> httpx.Request:
-        return passthrough_query(self.base_url, task, self.default_action)
-
-    def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
-
-    def observe_answer(self, response: httpx.Response) -> Observation:
-        return parse_kling_payload(self.read_answer(response), self.name)
 
     def read_answer(self, response: httpx.Response) -> object:
         """The decoded body, or the error it means."""

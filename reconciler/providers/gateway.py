@@ -17,21 +17,17 @@ Kling's task object belongs to `kling.py`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
 from reconciler.errors import BadPayload, NotFound, RateLimited, ServerError, excerpt
-from reconciler.model import Observation, Status, Task, Video
+from reconciler.model import Observation, Status, Video
 from reconciler.providers.base import (
-    PollFlow,
-    Provider,
     check,
     dig,
     number,
-    one_by_one,
     percent,
     require_object,
     retry_after,
@@ -43,10 +39,10 @@ from reconciler.providers.kling import (
     kling_error,
     observe_kling_task,
     parse_kling_payload,
-    passthrough_query,
     status_word,
     task_id_of,
 )
+from reconciler.providers.passthrough import KlingPassthrough
 
 # All renderings' words on one table, compared lower-case: they do not collide.
 # UNKNOWN is new-api's own "cannot tell", so it is no status (keep polling).
@@ -201,21 +197,11 @@ _TASK_DTO_KEYS = ("data", "fail_reason", "progress", "submit_time", "finish_time
 _KLING_V2_KEYS = frozenset({"outputs", "create_time", "update_time", "external_id"})
 
 
-class Gateway(Provider):
+class Gateway(KlingPassthrough):
     name = "gateway"
-    batch_size = 1
 
     def parse_callback(self, payload: object) -> Observation:
         return parse_gateway_payload(payload, self.name)
-
-    def query_request(self, task: Task) -> httpx.Request:
-        return passthrough_query(self.base_url, task, self.default_action)
-
-    def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
-
-    def observe_answer(self, response: httpx.Response) -> Observation:
-        return parse_gateway_payload(self.read_answer(response), self.name)
 
     def read_answer(self, response: httpx.Response) -> object:
         """The decoded body, or the error it means."""

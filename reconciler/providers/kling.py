@@ -72,13 +72,6 @@ KLING_STATUSES: dict[str, Status] = {
 _FAMILIES = ("videos", "images", "audio")
 
 
-def passthrough_query(base_url: str, task: Task, default_action: str) -> httpx.Request:
-    """The one-task query of a Kling passthrough (CometAPI, relay gateways):
-    `GET {base}/kling/v1/{family}/{action}/{id}`."""
-    path = kling_path(task.action, default_action)
-    return httpx.Request("GET", f"{base_url}/kling/v1/{path}/{quote_id(task.task_id)}")
-
-
 def kling_path(action: str | None, default: str = "text2video") -> str:
     """The path segments for an action, quoted: `text2video` → `videos/text2video`,
     `avatar/image2video` → `videos/avatar/image2video`, `images/generations` unchanged."""
