@@ -1,14 +1,15 @@
 """CometAPI's Kling passthrough: one query per task, Kling's own envelope on success,
 OpenAI-style errors otherwise.
 
-The Kling task object is read by `kling.py`; this module owns only CometAPI's paths and its
-error envelope. Sources: PROVIDERS.md §3 and seed 003.
+This module owns only CometAPI's error envelope. The query path and poll flow are
+`passthrough.py`'s, the Kling task object is read by `kling_task.py`. Sources: PROVIDERS.md
+§3 and seed 003.
 
 Paths: CometAPI's route is `/kling/v1/{family}/{action}/{task_id}` with family `videos`,
 `images` or `audio`. A task's action is Kling's (`text2video`, `avatar/image2video`), so the
 `videos` family is put in front, giving the documented four-segment path for avatar tasks;
 an action that already names its family (`images/generations`, `audio/text-to-audio`) is used
-as it is.
+as it is (`kling_task.kling_path`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from reconciler.errors import (
 )
 from reconciler.model import Observation
 from reconciler.providers.base import dig, retry_after, text
-from reconciler.providers.kling import business_code, kling_error, parse_kling_payload
+from reconciler.providers.kling_task import business_code, kling_error, parse_kling_payload
 from reconciler.providers.passthrough import KlingPassthrough
 
 # new-api's "task does not exist" word, which CometAPI (same lineage) is likely to share.

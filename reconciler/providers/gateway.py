@@ -11,7 +11,7 @@ renderings (PROVIDERS.md §5, seed 001); this module tells them apart and reads 
 
 Callbacks, when a caller made Kling call back through a gateway, carry Kling's own body and
 the upstream id (§5.3); `parse_callback` accepts that and every rendering above. Reading
-Kling's task object belongs to `kling.py`.
+Kling's task object belongs to `kling_task.py`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from reconciler.providers.base import (
     text,
     timestamp,
 )
-from reconciler.providers.kling import (
+from reconciler.providers.kling_task import (
     business_code,
     kling_error,
     observe_kling_task,

@@ -2,7 +2,7 @@
 under `/kling/v1/…` with a Bearer key, one query per task.
 
 Owns the query path and the one-request-per-task poll flow. Each subclass owns its answers'
-shapes and error envelopes; Kling's task object is read by `kling.py`.
+shapes and error envelopes; Kling's task object is read by `kling_task.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import httpx
 
 from reconciler.model import Observation, Task
 from reconciler.providers.base import PollFlow, Provider, one_by_one
-from reconciler.providers.kling import kling_path, quote_id
+from reconciler.providers.kling_task import kling_path, quote_id
 
 
 class KlingPassthrough(Provider):

@@ -33,7 +33,8 @@ from reconciler.errors import (
 )
 from reconciler.model import Status, Task
 from reconciler.providers.base import PollResult, RawDelivery
-from reconciler.providers.kling import Kling, KlingJWTAuth, kling_path
+from reconciler.providers.kling import Kling, KlingJWTAuth
+from reconciler.providers.kling_task import kling_path
 from tests.providers.support import (
     EPOCH,
     any_json,
