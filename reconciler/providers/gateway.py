@@ -208,10 +208,11 @@ class Gateway(KlingPassthrough):
         status = response.status_code
         now = self.clock.now()
         summary = f"{self.name}: HTTP {status}: {excerpt(response.content)}"
+        readable = True
         try:
             body: object = json.loads(response.content)
         except (ValueError, UnicodeDecodeError):
-            body = None
+            body, readable = None, False
         kling_code = business_code(body)
         if kling_code is not None:
             # A Kling-native re-render of an upstream error: Kling's code decides, since
@@ -220,7 +221,7 @@ class Gateway(KlingPassthrough):
         if status == 429:
             # "当前分组上游负载已饱和" and friends: the gateway, not the task, is busy.
             raise RateLimited(summary, retry_after=retry_after(response, now))
-        if body is None:
+        if not readable:
             if 400 <= status < 500:
                 check(response, self.name)  # no body to say more: the status decides
             raise ServerError(
