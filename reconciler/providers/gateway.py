@@ -16,26 +16,23 @@ Kling's task object belongs to `kling_task.py`.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 import httpx
 
-from reconciler.errors import BadPayload, NotFound, RateLimited, ServerError, excerpt
+from reconciler.errors import BadPayload, NotFound, ProviderError, excerpt
 from reconciler.model import Observation, Status, Video
 from reconciler.providers.base import (
-    check,
+    describe,
     dig,
     number,
     percent,
     require_object,
-    retry_after,
     text,
     timestamp,
 )
 from reconciler.providers.kling_task import (
-    business_code,
     kling_error,
     observe_kling_task,
     parse_kling_payload,
@@ -203,33 +200,17 @@ class Gateway(KlingPassthrough):
     def parse_callback(self, payload: object) -> Observation:
         return parse_gateway_payload(payload, self.name)
 
-    def read_answer(self, response: httpx.Response) -> object:
-        """The decoded body, or the error it means."""
-        status = response.status_code
-        now = self.clock.now()
-        summary = f"{self.name}: HTTP {status}: {excerpt(response.content)}"
-        readable = True
-        try:
-            body: object = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError):
-            body, readable = None, False
-        kling_code = business_code(body)
-        if kling_code is not None:
-            # A Kling-native re-render of an upstream error: Kling's code decides, since
-            # its HTTP 429 also means "balance" or "allow-list" (PROVIDERS trap 6).
-            raise kling_error(kling_code, response, self.name, now)
-        if status == 429:
-            # "当前分组上游负载已饱和" and friends: the gateway, not the task, is busy.
-            raise RateLimited(summary, retry_after=retry_after(response, now))
-        if not readable:
-            if 400 <= status < 500:
-                check(response, self.name)  # no body to say more: the status decides
-            raise ServerError(
-                f"{self.name}: HTTP {status} answer is not JSON: {excerpt(response.content)}",
-                delay=retry_after(response, now),
-            )
-        codes = {text(dig(body, "code")), text(dig(body, "error", "code"))}
-        if "task_not_exist" in codes:
-            raise NotFound(summary)  # new-api: HTTP 400, also for another user's task
-        check(response, self.name)
-        return body
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        # A Kling-native re-render of an upstream error: Kling's code decides, since its
+        # HTTP 429 also means "balance" or "allow-list" (PROVIDERS trap 6).
+        error = kling_error(response, body, self.name, now)
+        # Otherwise a 429 ("当前分组上游负载已饱和" and friends) says the gateway, not the
+        # task, is busy: the status decides.
+        if error is None and response.status_code != 429:
+            codes = {text(dig(body, "code")), text(dig(body, "error", "code"))}
+            if "task_not_exist" in codes:
+                # new-api: HTTP 400, also for another user's task.
+                error = NotFound(describe(response, self.name))
+        return error or super().answer_error(response, body, now)

@@ -26,23 +26,15 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
 from reconciler.clock import Clock
 from reconciler.config import ProviderSettings
-from reconciler.errors import (
-    BadPayload,
-    ConfigError,
-    NotFound,
-    ServerError,
-    SignatureError,
-    excerpt,
-)
+from reconciler.errors import BadPayload, ConfigError, NotFound, ProviderError, SignatureError
 from reconciler.model import Observation, Task
 from reconciler.providers.base import (
     PollFlow,
     PollResult,
     Provider,
     RawDelivery,
-    check,
     dig,
-    retry_after,
+    read_answer,
 )
 from reconciler.providers.kling_task import (
     business_code,
@@ -54,25 +46,6 @@ from reconciler.providers.kling_task import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def read_kling_answer(response: httpx.Response, provider: str, now: datetime | None) -> object:
-    """The decoded body of a Kling-shaped answer, or the error it means."""
-    try:
-        body: object = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
-        if 400 <= response.status_code < 500:
-            check(response, provider)  # no business code to say more: the status decides
-        raise ServerError(
-            f"{provider}: HTTP {response.status_code} answer is not JSON: "
-            f"{excerpt(response.content)}",
-            delay=retry_after(response, now),
-        ) from None
-    code = business_code(body)
-    if code is not None:
-        raise kling_error(code, response, provider, now)
-    check(response, provider)
-    return body
 
 
 # --- auth -----------------------------------------------------------------------------------
@@ -162,6 +135,13 @@ class Kling(Provider):
     def auth(self) -> httpx.Auth | None:
         return self._auth
 
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        return kling_error(response, body, self.name, now) or super().answer_error(
+            response, body, now
+        )
+
     # --- callbacks
 
     def verify(self, delivery: RawDelivery) -> None:
@@ -249,7 +229,7 @@ class Kling(Provider):
         """The direct query: a result, or None when Kling does not know the id."""
         response = yield self.query_request(task)
         try:
-            body = read_kling_answer(response, self.name, self.clock.now())
+            body = read_answer(response, self)
         except NotFound:
             return None
         except BadPayload as error:
@@ -266,7 +246,7 @@ class Kling(Provider):
     def _list(self, action: str) -> Generator[httpx.Request, httpx.Response, list[Observation]]:
         response = yield self.list_request(action)
         try:
-            body = read_kling_answer(response, self.name, self.clock.now())
+            body = read_answer(response, self)
         except NotFound:
             return []
         data = dig(body, "data")

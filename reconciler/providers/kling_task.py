@@ -213,10 +213,14 @@ def business_code(body: object) -> int | None:
 
 
 def kling_error(
-    code: int, response: httpx.Response, provider: str, now: datetime | None = None
-) -> ProviderError:
-    """The error for a Kling business code (PROVIDERS §1.6). HTTP 429 means five different
-    things there, so the code decides, never the HTTP status alone."""
+    response: httpx.Response, body: object, provider: str, now: datetime
+) -> ProviderError | None:
+    """The error a Kling business code in `body` stands for (PROVIDERS §1.6); None when the
+    body carries none. HTTP 429 means five different things there, so the code decides,
+    never the HTTP status alone."""
+    code = business_code(body)
+    if code is None:
+        return None
     message = f"{provider}: HTTP {response.status_code}, code {code}: {excerpt(response.content)}"
     if 1000 <= code <= 1004 or 1100 <= code <= 1103 or code == 1304:
         return AuthRejected(message)  # credentials, account, balance, permission, allow-list

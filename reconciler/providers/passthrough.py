@@ -7,13 +7,12 @@ shapes and error envelopes; Kling's task object is read by `kling_task.py`.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 
 import httpx
 
 from reconciler.model import Observation, Task
-from reconciler.providers.base import PollFlow, Provider, one_by_one
+from reconciler.providers.base import PollFlow, Provider, one_by_one, read_answer
 from reconciler.providers.kling_task import kling_path, quote_id
 
 
@@ -28,10 +27,6 @@ class KlingPassthrough(Provider):
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
         return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
 
-    def observe_answer(self, response: httpx.Response) -> Observation:
+    def observe_answer(self, task: Task, response: httpx.Response) -> Observation:
         # A query answer comes in the shapes a callback may have.
-        return self.parse_callback(self.read_answer(response))
-
-    @abc.abstractmethod
-    def read_answer(self, response: httpx.Response) -> object:
-        """The decoded body, or the error it means."""
+        return self.parse_callback(read_answer(response, self))
