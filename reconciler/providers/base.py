@@ -157,7 +157,7 @@ def read_answer(response: httpx.Response, provider: Provider) -> object:
     now = provider.clock.now()
     try:
         body: object = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError) as undecodable:
+    except (ValueError, RecursionError) as undecodable:  # UnicodeDecodeError is a ValueError
         raise provider.not_json_error(response, now) from undecodable
     error = provider.answer_error(response, body, now)
     if error is not None:

@@ -258,9 +258,10 @@ class Kling(Provider):
 
 
 def business_code_of(response: httpx.Response) -> int | None:
+    """The business code of an answer `read_answer` has already refused, if it has one."""
     try:
         return business_code(json.loads(response.content))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None
 
 

@@ -256,6 +256,15 @@ def test_huge_numbers_are_decoded_not_refused() -> None:
     assert read(answer(200, content=b'{"code": 1' + b"0" * 400 + b"}")) == {"code": 10**400}
 
 
+@pytest.mark.parametrize("status", [200, 404])
+def test_an_answer_nested_too_deep_to_decode_is_not_json(status: int) -> None:
+    """The decoder gives up with RecursionError, which is no answer we can read either; the
+    loop would only log it as a failing adapter."""
+    error = raised(answer(status, content=b"[" * 100_000 + b"]" * 100_000))
+    assert type(error) is (ServerError if status == 200 else NotFound)
+    assert isinstance(error.__cause__, RecursionError)
+
+
 def test_a_failing_status_with_no_body_at_all() -> None:
     error = raised(answer(503, content=b""))
     assert type(error) is ServerError
