@@ -13,7 +13,6 @@
     │       ├── AuthRejected        credentials, balance, allow-list: pause the provider
     │       ├── NotFound            the provider does not know the task (yet)
     │       └── BadPayload          a body we cannot turn into an observation
-    ├── BadDelivery                 a webhook request we refuse (size, provider, token)
     └── SignatureError              a provider signature that does not verify
 
 Messages never contain secrets: provider bodies echoed here are truncated by `excerpt`.
@@ -76,13 +75,6 @@ class NotFound(PermanentError):
 
 class BadPayload(PermanentError):
     pass
-
-
-class BadDelivery(ReconcilerError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 class SignatureError(ReconcilerError):

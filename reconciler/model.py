@@ -1,8 +1,7 @@
 """The normalized vocabulary of Reconciler: statuses, tasks, observations, events, deliveries.
 
 Plain frozen values with no I/O. Provider shapes are turned into these by `providers/`,
-rules over them live in `state.py`, and their JSON form (SPEC §2) is `Task.to_json()` /
-`Event.to_json()`.
+rules over them live in `state.py`, and a task's JSON form (SPEC §2) is `Task.to_json()`.
 """
 
 from __future__ import annotations
@@ -240,34 +239,6 @@ class Change:
     task: Task
     event: EventType | None
     previous_status: Status | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    seq: int
-    type: EventType
-    provider: str
-    task_id: str
-    source: Source
-    status: Status
-    previous_status: Status | None
-    delivery_id: int | None
-    at: datetime
-    task: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "type": self.type.value,
-            "provider": self.provider,
-            "task_id": self.task_id,
-            "source": self.source.value,
-            "status": self.status.value,
-            "previous_status": self.previous_status.value if self.previous_status else None,
-            "delivery_id": self.delivery_id,
-            "at": iso(self.at),
-            "task": dict(self.task),
-        }
 
 
 class Outcome(enum.StrEnum):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar
 
 import httpx
@@ -33,10 +34,12 @@ from reconciler.providers.base import (
     PollFlow,
     PollResult,
     Provider,
-    check,
+    dig,
     number,
+    read_answer,
     require_object,
     retry_after,
+    status_error,
     text,
     timestamp,
 )
@@ -106,25 +109,26 @@ class AceData(Provider):
 
     def _answer(self, response: httpx.Response) -> dict[str, Any]:
         """The answer as an object, or the whole-exchange error it stands for."""
-        try:
-            payload = response.json()
-        except (ValueError, UnicodeDecodeError):
-            check(response, self.name)  # an HTML error page: classify on the status
-            raise ServerError(
-                f"{self.name}: HTTP {response.status_code} answer is not JSON: "
-                f"{excerpt(response.content)}"
-            ) from None
-        error = payload.get("error") if isinstance(payload, dict) else None
-        # A record never has a top-level `error`; only the error envelope does (§2.4).
-        if response.status_code >= 400 or (
-            isinstance(error, dict) and "id" not in payload and "items" not in payload
-        ):
-            raise self._error(response, error)
-        if not isinstance(payload, dict):
+        body = read_answer(response, self)
+        if not isinstance(body, dict):
             raise BadPayload(f"{self.name}: expected a JSON object, got {excerpt(response.text)}")
-        return payload
+        return body
 
-    def _error(self, response: httpx.Response, error: object) -> ProviderError:
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        error = dig(body, "error")
+        if response.status_code >= 400:
+            return self._envelope_error(response, error, now)
+        # A record never has a top-level `error`; only the error envelope does (§2.4), and
+        # it means an error under HTTP 200 too.
+        if isinstance(body, dict) and isinstance(error, dict) and not {"id", "items"} & body.keys():
+            return self._envelope_error(response, error, now)
+        return None
+
+    def _envelope_error(
+        self, response: httpx.Response, error: object, now: datetime
+    ) -> ProviderError:
         """Classify on the body's `code` where there is one, on the HTTP status otherwise."""
         code = _word(error.get("code")) if isinstance(error, dict) else None
         detail = _word(error.get("message")) if isinstance(error, dict) else None
@@ -133,24 +137,16 @@ class AceData(Provider):
             f"{excerpt(detail or response.content)}"
         )
         if code == "too_many_requests":
-            return RateLimited(message, retry_after=retry_after(response))
+            return RateLimited(message, retry_after=retry_after(response, now))
         if code in _AUTH_CODES:
             return AuthRejected(message)
         if code in _SERVER_CODES:
-            return ServerError(message, delay=retry_after(response))
+            return ServerError(message, delay=retry_after(response, now))
         if code in _BAD_REQUEST_CODES:
             return BadPayload(message)
-        # No code we know: fall back on the HTTP status, as `base.check` would.
-        status = response.status_code
-        if status == 429:
-            return RateLimited(message, retry_after=retry_after(response))
-        if status in (401, 403):
-            return AuthRejected(message)
-        if status == 404:
-            return NotFound(message)
-        if status >= 500 or status in (408, 425):
-            return ServerError(message, delay=retry_after(response))
-        return BadPayload(message)  # other 4xx, or a 2xx error envelope with an unknown code
+        # No code we know: the HTTP status decides; a 2xx error envelope with an unknown
+        # code is still no answer to read.
+        return status_error(response, message, now) or BadPayload(message)
 
     def _single(self, task_id: str, answer: dict[str, Any]) -> PollResult:
         if not answer:  # `200 {}` is AceData's "no such task" (§2.2, §6.7)

@@ -8,6 +8,12 @@ retries and metrics live in one place, and untrusted JSON never leaves `provider
 A poll flow returns one `PollResult` per task it was given: an observation, or a task-level
 `ProviderError` (`NotFound`, `BadPayload`). An error that concerns the whole exchange
 (rate limit, auth, 5xx, a body we cannot read) is raised out of the flow instead.
+
+Every answer is classified by one function, `read_answer`: it decodes the body and asks the
+adapter's two hooks what it means. `Provider.answer_error` reads a decoded answer (by
+default the HTTP status decides, through `status_error`; an adapter whose body says more,
+an error envelope or a business code, overrides it), and `Provider.not_json_error` reads one
+that is not JSON (by default its status, else an unreadable answer to try again later).
 """
 
 from __future__ import annotations
@@ -92,11 +98,27 @@ class Provider(abc.ABC):
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
         """Query the provider about `tasks` (at most `batch_size`, equal `batch_key`)."""
 
+    # --- the hooks of `read_answer`
+
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        """The error a decoded answer stands for, or None for an answer to read. The HTTP
+        status decides here; an adapter whose body says more (an error envelope, a business
+        code, also under HTTP 200) overrides this and falls back on it."""
+        return status_error(response, describe(response, self.name), now)
+
+    def not_json_error(self, response: httpx.Response, now: datetime) -> ProviderError:
+        """The error an answer that is not JSON stands for: what its status means, else an
+        unreadable answer (a proxy's HTML page, a cut-off body) to try again later."""
+        error = status_error(response, describe(response, self.name), now)
+        return error or unreadable(response, self.name, now)
+
 
 def one_by_one(
     tasks: Sequence[Task],
     request_for: Callable[[Task], httpx.Request],
-    observe: Callable[[httpx.Response], Observation],
+    observe: Callable[[Task, httpx.Response], Observation],
 ) -> PollFlow:
     """The poll flow of a provider with no batch query: one request per task. `observe`
     raises `NotFound`/`BadPayload` for that task, anything else for the whole exchange."""
@@ -104,7 +126,7 @@ def one_by_one(
     for task in tasks:
         response = yield request_for(task)
         try:
-            results.append(PollResult(task.task_id, observation=observe(response)))
+            results.append(PollResult(task.task_id, observation=observe(task, response)))
         except (NotFound, BadPayload) as error:
             results.append(PollResult(task.task_id, error=error))
     return results
@@ -125,7 +147,53 @@ class BearerAuth(httpx.Auth):
 # --- classifying answers ---------------------------------------------------------------
 
 
-def retry_after(response: httpx.Response, now: datetime | None = None) -> float | None:
+def read_answer(response: httpx.Response, provider: Provider) -> object:
+    """The decoded body of `provider`'s answer, or the `ProviderError` it stands for.
+
+    The one place where an answer is classified (Kopf's `check_response()` is the model):
+    a body that is not JSON goes to `provider.not_json_error`, a decoded one to
+    `provider.answer_error`. Echoed bodies are cut short by `excerpt`.
+    """
+    now = provider.clock.now()
+    try:
+        body: object = json.loads(response.content)
+    except (ValueError, RecursionError) as undecodable:  # UnicodeDecodeError is a ValueError
+        raise provider.not_json_error(response, now) from undecodable
+    error = provider.answer_error(response, body, now)
+    if error is not None:
+        raise error
+    return body
+
+
+def status_error(response: httpx.Response, message: str, now: datetime) -> ProviderError | None:
+    """What an HTTP status means by itself; None below 400."""
+    status = response.status_code
+    if status < 400:
+        return None
+    if status == 429:
+        return RateLimited(message, retry_after=retry_after(response, now))
+    if status in (401, 403):
+        return AuthRejected(message)
+    if status == 404:
+        return NotFound(message)
+    if status >= 500 or status in (408, 425):
+        return ServerError(message, delay=retry_after(response, now))
+    return BadPayload(message)
+
+
+def unreadable(response: httpx.Response, provider: str, now: datetime) -> ServerError:
+    """An answer that is not JSON, to try again later."""
+    message = describe(response, provider, decoded=False)
+    return ServerError(message, delay=retry_after(response, now))
+
+
+def describe(response: httpx.Response, provider: str, *, decoded: bool = True) -> str:
+    """An error message naming the status, whether the body is JSON, and its start."""
+    what = "" if decoded else " answer is not JSON"
+    return f"{provider}: HTTP {response.status_code}{what}: {excerpt(response.content)}"
+
+
+def retry_after(response: httpx.Response, now: datetime) -> float | None:
     """Seconds from a `Retry-After` header (delta-seconds or HTTP date), if any."""
     value = response.headers.get("retry-after")
     if not value:
@@ -140,38 +208,10 @@ def retry_after(response: httpx.Response, now: datetime | None = None) -> float 
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        seconds = (when - now).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
-
-
-def check(response: httpx.Response, provider: str) -> None:
-    """Map an HTTP status to our errors when the provider has no business code to say more."""
-    status = response.status_code
-    if status < 400:
-        return
-    message = f"{provider}: HTTP {status}: {excerpt(response.content)}"
-    if status == 429:
-        raise RateLimited(message, retry_after=retry_after(response))
-    if status in (401, 403):
-        raise AuthRejected(message)
-    if status == 404:
-        raise NotFound(message)
-    if status >= 500 or status in (408, 425):
-        raise ServerError(message, delay=retry_after(response))
-    raise BadPayload(message)
-
-
-def read_json(response: httpx.Response, provider: str) -> Any:
-    """The decoded body, or `ServerError` for an answer that is not JSON (retried later)."""
-    try:
-        return json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
-        raise ServerError(
-            f"{provider}: HTTP {response.status_code} answer is not JSON: "
-            f"{excerpt(response.content)}"
-        ) from None
 
 
 # --- reading untrusted JSON ------------------------------------------------------------

@@ -1,113 +1,83 @@
 """CometAPI's Kling passthrough: one query per task, Kling's own envelope on success,
 OpenAI-style errors otherwise.
 
-The Kling task object is read by `kling.py`; this module owns only CometAPI's paths and its
-error envelope. Sources: PROVIDERS.md §3 and seed 003.
+This module owns only CometAPI's error envelope. The query path and poll flow are
+`passthrough.py`'s, the Kling task object is read by `kling_task.py`. Sources: PROVIDERS.md
+§3 and seed 003.
 
 Paths: CometAPI's route is `/kling/v1/{family}/{action}/{task_id}` with family `videos`,
 `images` or `audio`. A task's action is Kling's (`text2video`, `avatar/image2video`), so the
 `videos` family is put in front, giving the documented four-segment path for avatar tasks;
 an action that already names its family (`images/generations`, `audio/text-to-audio`) is used
-as it is.
+as it is (`kling_task.kling_path`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from datetime import datetime
 
 import httpx
 
-from reconciler.errors import (
-    AuthRejected,
-    BadPayload,
-    NotFound,
-    RateLimited,
-    ServerError,
-    excerpt,
-)
-from reconciler.model import Observation, Task
+from reconciler.errors import AuthRejected, BadPayload, NotFound, ProviderError, ServerError
+from reconciler.model import Observation
 from reconciler.providers.base import (
-    PollFlow,
-    Provider,
+    describe,
     dig,
-    one_by_one,
     retry_after,
+    status_error,
     text,
+    unreadable,
 )
-from reconciler.providers.kling import (
-    business_code,
-    kling_error,
-    parse_kling_payload,
-    passthrough_query,
-)
+from reconciler.providers.kling_task import kling_error, parse_kling_payload
+from reconciler.providers.passthrough import KlingPassthrough
 
 # new-api's "task does not exist" word, which CometAPI (same lineage) is likely to share.
 _NOT_FOUND_WORDS = ("task_not_exist", "task not exist", "task_not_found")
 
 
-class CometAPI(Provider):
+class CometAPI(KlingPassthrough):
     name = "cometapi"
-    batch_size = 1  # no batch query
 
     def parse_callback(self, payload: object) -> Observation:
         # CometAPI documents Kling's legacy callback body (PROVIDERS §3).
         return parse_kling_payload(payload, self.name)
 
-    def query_request(self, task: Task) -> httpx.Request:
-        return passthrough_query(self.base_url, task, self.default_action)
-
-    def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
-
-    def observe_answer(self, response: httpx.Response) -> Observation:
-        return parse_kling_payload(self.read_answer(response), self.name)
-
-    def read_answer(self, response: httpx.Response) -> object:
-        """The decoded body, or the error it means."""
-        status = response.status_code
-        now = self.clock.now()
-        summary = f"{self.name}: HTTP {status}: {excerpt(response.content)}"
-        try:
-            body: object = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError):
-            # Wrong paths come back as a 301 or an HTML page, not a JSON 404 (PROVIDERS §3);
-            # a gateway page in front of an outage looks the same. Try again later, unless
-            # the status alone says more.
-            if status in (401, 402, 403, 429):
-                self._raise_for_status(response, summary)
-            raise ServerError(
-                f"{self.name}: HTTP {status} answer is not JSON: {excerpt(response.content)}",
-                delay=retry_after(response, now),
-            ) from None
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        message = describe(response, self.name)
         error = dig(body, "error")
         if isinstance(error, dict):
             code = (text(error.get("code")) or "").lower()
-            message = (text(error.get("message")) or "").lower()
+            words = (text(error.get("message")) or "").lower()
             if code == "invalid_request":
                 # Documented as HTTP 500 yet permanent: a malformed request (trap 6).
-                raise BadPayload(summary)
-            if any(word in code or word in message for word in _NOT_FOUND_WORDS):
-                raise NotFound(summary)
-            self._raise_for_status(response, summary)
-            raise BadPayload(summary)  # an error object on a 2xx answer
-        kling_code = business_code(body)
-        if kling_code is not None:  # a Kling error passed through
-            raise kling_error(kling_code, response, self.name, now)
-        self._raise_for_status(response, summary)
-        return body
+                return BadPayload(message)
+            if any(word in code or word in words for word in _NOT_FOUND_WORDS):
+                return NotFound(message)
+            # An error object on a 2xx answer is no task either.
+            return self._status_error(response, message, now) or BadPayload(message)
+        # A Kling error passed through keeps Kling's meaning.
+        return kling_error(response, body, self.name, now) or self._status_error(
+            response, message, now
+        )
 
-    def _raise_for_status(self, response: httpx.Response, summary: str) -> None:
+    def not_json_error(self, response: httpx.Response, now: datetime) -> ProviderError:
+        # Wrong paths come back as a 301 or an HTML page, not a JSON 404 (PROVIDERS §3); a
+        # gateway page in front of an outage looks the same. Try again later, unless the
+        # status alone says more.
+        error = None
+        if response.status_code in (401, 402, 403, 429):
+            error = self._status_error(response, describe(response, self.name), now)
+        return error or unreadable(response, self.name, now)
+
+    def _status_error(
+        self, response: httpx.Response, message: str, now: datetime
+    ) -> ProviderError | None:
+        """The common status table, and two statuses that mean more at CometAPI."""
         status = response.status_code
-        now = self.clock.now()
-        if status == 429:
-            raise RateLimited(summary, retry_after=retry_after(response, now))
-        if status >= 500 or status in (408, 425) or 300 <= status < 400:
-            # 500-504 and Cloudflare's 524; a redirect means a wrong path or a proxy page.
-            raise ServerError(summary, delay=retry_after(response, now))
-        if status in (401, 402, 403):
-            raise AuthRejected(summary)
-        if status == 404:
-            raise NotFound(summary)
-        if status >= 400:
-            raise BadPayload(summary)
+        if status == 402:  # the balance
+            return AuthRejected(message)
+        if 300 <= status < 400:  # a redirect means a wrong path or a proxy page
+            return ServerError(message, delay=retry_after(response, now))
+        return status_error(response, message, now)

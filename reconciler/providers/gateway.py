@@ -11,42 +11,35 @@ renderings (PROVIDERS.md §5, seed 001); this module tells them apart and reads 
 
 Callbacks, when a caller made Kling call back through a gateway, carry Kling's own body and
 the upstream id (§5.3); `parse_callback` accepts that and every rendering above. Reading
-Kling's task object belongs to `kling.py`.
+Kling's task object belongs to `kling_task.py`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
-from reconciler.errors import BadPayload, NotFound, RateLimited, ServerError, excerpt
-from reconciler.model import Observation, Status, Task, Video
+from reconciler.errors import BadPayload, NotFound, ProviderError, excerpt
+from reconciler.model import Observation, Status, Video
 from reconciler.providers.base import (
-    PollFlow,
-    Provider,
-    check,
+    describe,
     dig,
     number,
-    one_by_one,
     percent,
     require_object,
-    retry_after,
     text,
     timestamp,
 )
-from reconciler.providers.kling import (
-    business_code,
+from reconciler.providers.kling_task import (
     kling_error,
     observe_kling_task,
     parse_kling_payload,
-    passthrough_query,
     status_word,
     task_id_of,
 )
+from reconciler.providers.passthrough import KlingPassthrough
 
 # All renderings' words on one table, compared lower-case: they do not collide.
 # UNKNOWN is new-api's own "cannot tell", so it is no status (keep polling).
@@ -201,48 +194,23 @@ _TASK_DTO_KEYS = ("data", "fail_reason", "progress", "submit_time", "finish_time
 _KLING_V2_KEYS = frozenset({"outputs", "create_time", "update_time", "external_id"})
 
 
-class Gateway(Provider):
+class Gateway(KlingPassthrough):
     name = "gateway"
-    batch_size = 1
 
     def parse_callback(self, payload: object) -> Observation:
         return parse_gateway_payload(payload, self.name)
 
-    def query_request(self, task: Task) -> httpx.Request:
-        return passthrough_query(self.base_url, task, self.default_action)
-
-    def poll(self, tasks: Sequence[Task]) -> PollFlow:
-        return (yield from one_by_one(tasks, self.query_request, self.observe_answer))
-
-    def observe_answer(self, response: httpx.Response) -> Observation:
-        return parse_gateway_payload(self.read_answer(response), self.name)
-
-    def read_answer(self, response: httpx.Response) -> object:
-        """The decoded body, or the error it means."""
-        status = response.status_code
-        now = self.clock.now()
-        summary = f"{self.name}: HTTP {status}: {excerpt(response.content)}"
-        try:
-            body: object = json.loads(response.content)
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        kling_code = business_code(body)
-        if kling_code is not None:
-            # A Kling-native re-render of an upstream error: Kling's code decides, since
-            # its HTTP 429 also means "balance" or "allow-list" (PROVIDERS trap 6).
-            raise kling_error(kling_code, response, self.name, now)
-        if status == 429:
-            # "当前分组上游负载已饱和" and friends: the gateway, not the task, is busy.
-            raise RateLimited(summary, retry_after=retry_after(response, now))
-        if body is None:
-            if 400 <= status < 500:
-                check(response, self.name)  # no body to say more: the status decides
-            raise ServerError(
-                f"{self.name}: HTTP {status} answer is not JSON: {excerpt(response.content)}",
-                delay=retry_after(response, now),
-            )
-        codes = {text(dig(body, "code")), text(dig(body, "error", "code"))}
-        if "task_not_exist" in codes:
-            raise NotFound(summary)  # new-api: HTTP 400, also for another user's task
-        check(response, self.name)
-        return body
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        # A Kling-native re-render of an upstream error: Kling's code decides, since its
+        # HTTP 429 also means "balance" or "allow-list" (PROVIDERS trap 6).
+        error = kling_error(response, body, self.name, now)
+        # Otherwise a 429 ("当前分组上游负载已饱和" and friends) says the gateway, not the
+        # task, is busy: the status decides.
+        if error is None and response.status_code != 429:
+            codes = {text(dig(body, "code")), text(dig(body, "error", "code"))}
+            if "task_not_exist" in codes:
+                # new-api: HTTP 400, also for another user's task.
+                error = NotFound(describe(response, self.name))
+        return error or super().answer_error(response, body, now)

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -28,6 +29,7 @@ from reconciler.errors import (
     AuthRejected,
     BadPayload,
     NotFound,
+    ProviderError,
     RateLimited,
     ServerError,
     SignatureError,
@@ -36,13 +38,13 @@ from reconciler.errors import (
 from reconciler.model import Observation, Status, Task, Video
 from reconciler.providers.base import (
     PollFlow,
-    PollResult,
     Provider,
     RawDelivery,
-    check,
     dig,
     number,
+    one_by_one,
     percent,
+    read_answer,
     require_object,
     retry_after,
     text,
@@ -119,16 +121,7 @@ class Kie(Provider):
 
     def poll(self, tasks: Sequence[Task]) -> PollFlow:
         # Kie has no batch query: one request per task (batch_size is 1).
-        results: list[PollResult] = []
-        for task in tasks:
-            response = yield self._request(task)
-            try:
-                results.append(self._result(task, response))
-            except OverflowError:
-                # base's number helpers reject integers too large for a float this way.
-                error = BadPayload(f"{self.name}: a number in the answer is out of range")
-                results.append(PollResult(task.task_id, error=error))
-        return results
+        return (yield from one_by_one(tasks, self._request, self._observe_answer))
 
     def _request(self, task: Task) -> httpx.Request:
         if _is_veo(task.action):
@@ -137,65 +130,47 @@ class Kie(Provider):
             path = "/api/v1/jobs/recordInfo"
         return httpx.Request("GET", self.base_url + path, params={"taskId": task.task_id})
 
-    def _result(self, task: Task, response: httpx.Response) -> PollResult:
-        """One task's answer; whole-exchange errors are raised, task-level ones returned."""
+    def _observe_answer(self, task: Task, response: httpx.Response) -> Observation:
+        """One task's answer; `NotFound` and `BadPayload` concern only this task."""
+        body = read_answer(response, self)
+        if not isinstance(body, dict):
+            raise BadPayload(f"{self.name}: expected a JSON object: {excerpt(response.text)}")
         try:
-            payload = response.json()
-        except (ValueError, UnicodeDecodeError):
-            check(response, self.name)  # an HTML error page: classify on the status
-            raise ServerError(
-                f"{self.name}: HTTP {response.status_code} answer is not JSON: "
-                f"{excerpt(response.content)}"
-            ) from None
-        if not isinstance(payload, dict):
-            check(response, self.name)
-            return PollResult(
-                task.task_id,
-                error=BadPayload(f"{self.name}: expected a JSON object: {excerpt(response.text)}"),
-            )
-
-        code = _code(payload.get("code"))
-        if code is not None and code != 200:
-            # Kie's body code is the real verdict, also under HTTP 200 (§4.2).
-            return self._coded(task, response, payload, code)
-        check(response, self.name)
-
-        if not _has_task(payload):
-            # `{"code": 200, "data": null}`, `data: {}` or `{}` know nothing about the task.
-            return PollResult(
-                task.task_id, error=NotFound(f"{self.name}: no task {task.task_id!r}")
-            )
-        try:
-            observation = _observe(payload, self.name, hint=task.task_id, callback=False)
-        except BadPayload as error:
-            return PollResult(task.task_id, error=error)
+            if _code(body.get("code")) == _GENERATION_FAILED:
+                return _generation_failed(task, body, _message(body))
+            if not _has_task(body):
+                # `{"code": 200, "data": null}`, `data: {}` or `{}` know nothing of the task.
+                raise NotFound(f"{self.name}: no task {task.task_id!r}")
+            observation = _observe(body, self.name, hint=task.task_id, callback=False)
+        except OverflowError:
+            # base's number helpers reject integers too large for a float this way.
+            raise BadPayload(f"{self.name}: a number in the answer is out of range") from None
         if observation.task_id != task.task_id:
-            return PollResult(
-                task.task_id,
-                error=BadPayload(
-                    f"{self.name}: asked for task {task.task_id!r}, got {observation.task_id!r}"
-                ),
+            raise BadPayload(
+                f"{self.name}: asked for task {task.task_id!r}, got {observation.task_id!r}"
             )
-        return PollResult(task.task_id, observation=observation)
+        return observation
 
-    def _coded(
-        self, task: Task, response: httpx.Response, payload: dict[str, Any], code: int
-    ) -> PollResult:
-        detail = _message(payload)
-        message = f"{self.name}: code {code}: {excerpt(detail or response.content)}"
+    def answer_error(
+        self, response: httpx.Response, body: object, now: datetime
+    ) -> ProviderError | None:
+        # Kie's body code is the real verdict, also under HTTP 200 (§4.2).
+        code = _code(body.get("code")) if isinstance(body, dict) else None
+        if code is None or code == 200 or not isinstance(body, dict):
+            return super().answer_error(response, body, now)  # no code: the status decides
         if code == _GENERATION_FAILED:
-            # "Generation failed" is the task's outcome, not a broken exchange.
-            return PollResult(task.task_id, observation=_generation_failed(task, payload, detail))
+            return None  # "generation failed" is the task's outcome, not a broken exchange
+        message = f"{self.name}: code {code}: {excerpt(_message(body) or response.content)}"
         if code == 429:
-            raise RateLimited(message, retry_after=retry_after(response))
+            return RateLimited(message, retry_after=retry_after(response, now))
         if code in _AUTH_CODES:
-            raise AuthRejected(message)
+            return AuthRejected(message)
         if code in _SERVER_CODES or code >= 500:
-            raise ServerError(message, delay=retry_after(response))
+            return ServerError(message, delay=retry_after(response, now))
         if code == 404:
-            return PollResult(task.task_id, error=NotFound(message))
-        check(response, self.name)  # an unlisted body code: let a failing HTTP status speak
-        return PollResult(task.task_id, error=BadPayload(message))  # 422 and other 4xx
+            return NotFound(message)
+        # An unlisted body code (422, other 4xx): a failing HTTP status speaks first.
+        return super().answer_error(response, body, now) or BadPayload(message)
 
     # --- callbacks ---------------------------------------------------------------------
 

@@ -118,6 +118,8 @@ def test_whole_exchange_errors_raise(status: int, body: object, expected: type) 
         (200, {"code": "success", "message": "", "data": None}, BadPayload),
         (200, {"code": "success", "data": {"task_id": "t1"}}, BadPayload),
         (200, "just a string", BadPayload),
+        # JSON's `null` is an answer we cannot read as a task, not an unreadable page.
+        (200, None, BadPayload),
         (200, {"code": 1201, "message": "invalid params"}, BadPayload),
     ],
 )

@@ -37,8 +37,10 @@ from tests.providers.support import (
     drive,
     near_payloads,
     new_task,
+    offline,
     payload_json,
     payload_samples,
+    reply,
     run,
     serve,
     split_cases,
@@ -156,6 +158,27 @@ def test_several_tasks_are_one_request_each() -> None:
         "/api/v1/jobs/recordInfo",
     ]
     assert [result.observation.task_id for result in results if result.observation] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (400, {"msg": "taskId is invalid"}, errors.BadPayload),
+        (422, {"code": 422, "msg": "validation error"}, errors.BadPayload),
+        (404, b"<html>Not Found</html>", errors.NotFound),
+    ],
+)
+def test_an_http_4xx_concerns_only_its_task(status: int, body: object, error: type) -> None:
+    """One task's 4xx is that task's result: raised, it would fail the whole exchange (and
+    count toward the provider's breaker) and lose the other tasks' results."""
+    good = {"code": 200, "data": {"taskId": "b", "state": "generating"}}
+    answers = iter([reply(status, body), reply(200, good)])
+    results = offline(
+        make_provider().poll([make_task("a"), make_task("b")]),
+        lambda request: next(answers)(request),
+    )
+    assert isinstance(results[0].error, error)
+    assert results[1].observation is not None and results[1].observation.task_id == "b"
 
 
 def test_huge_integers_are_ignored_not_raised() -> None:

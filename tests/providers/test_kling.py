@@ -33,7 +33,8 @@ from reconciler.errors import (
 )
 from reconciler.model import Status, Task
 from reconciler.providers.base import PollResult, RawDelivery
-from reconciler.providers.kling import Kling, KlingJWTAuth, kling_path
+from reconciler.providers.kling import Kling, KlingJWTAuth
+from reconciler.providers.kling_task import kling_path
 from tests.providers.support import (
     EPOCH,
     any_json,
@@ -137,6 +138,7 @@ def test_whole_exchange_errors_raise(status: int, body: object, expected: type) 
         (400, {"code": 1301, "message": "content safety"}),
         (200, {"code": 0, "message": "SUCCEED", "data": None}),
         (200, {"code": 0, "message": "SUCCEED", "data": {"task_status": "succeed"}}),
+        (400, b"[" * 100_000 + b"]" * 100_000),  # too deep to decode
     ],
 )
 def test_task_level_errors_are_results(status: int, body: object) -> None:
