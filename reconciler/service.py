@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -51,6 +51,9 @@ from reconciler.store.base import (
 logger = logging.getLogger(__name__)
 
 MAX_TASK_ID_LENGTH = 256
+# The longest deadline a registration may ask for. Ten years is past any generation job, and
+# keeps the deadline (and every poll planned before it) well inside what a datetime holds.
+MAX_DEADLINE_SECONDS = 10 * 365 * 86400.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOT_FOUND_ERROR = "not found at provider"
 RESULT_MISSING_ERROR = "the provider reported success but gave no result URL"
@@ -282,6 +285,15 @@ class Service:
         problem = valid_task_id(task_id)
         if problem:
             raise Invalid("task_id", problem)
+        if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_DEADLINE_SECONDS:
+            raise Invalid(
+                "deadline_seconds",
+                f"deadline_seconds must be more than 0 and at most {MAX_DEADLINE_SECONDS:.0f} "
+                "(ten years)",
+            )
+        problem = codec.flaw(metadata or {}, "metadata")
+        if problem:
+            raise Invalid("metadata", problem)
         timing = self.timings[provider]
         adapter = self.providers[provider]
         now = self.clock.now()
@@ -511,9 +523,19 @@ def _encode_cursor(key: tuple[float, str, str]) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[float, str, str]:
+    """The key `_encode_cursor` wrote; anything else, however it decodes, is refused."""
     try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, provider, task_id = json.loads(base64.urlsafe_b64decode(padded))
-        return float(created), str(provider), str(task_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise Invalid("cursor", "the cursor is not one this service handed out") from None
+        key = codec.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error is a ValueError
+        key = None
+    if isinstance(key, list) and len(key) == 3:
+        created, provider, task_id = key
+        if (
+            isinstance(created, int | float)
+            and not isinstance(created, bool)
+            and math.isfinite(created)
+            and isinstance(provider, str)
+            and isinstance(task_id, str)
+        ):
+            return float(created), provider, task_id
+    raise Invalid("cursor", "the cursor is not one this service handed out")
