@@ -177,26 +177,26 @@ def cursor(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "[1" + "0" * 400 + ', "kling", "t"]',  # beyond a float
-        '[1e400, "kling", "t"]',
-        '[NaN, "kling", "t"]',
-        '[-Infinity, "kling", "t"]',
-        '["1.5", "kling", "t"]',
-        '[true, "kling", "t"]',
-        '[1, {"a": 1}, ["t"]]',
-        '[1, "kling"]',
-        '{"a": 1}',
-        "[" * 5000 + "]" * 5000,
-        "not json",
-    ],
-)
-async def test_a_cursor_it_did_not_hand_out_is_422(live: Live, key: str) -> None:
-    response = await live.client.get("/tasks", params={"cursor": cursor(key)})
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "cursor"
+CURSORS = [
+    "[1" + "0" * 400 + ', "kling", "t"]',  # beyond a float
+    '[1e400, "kling", "t"]',
+    '[NaN, "kling", "t"]',
+    '[-Infinity, "kling", "t"]',
+    '["1.5", "kling", "t"]',
+    '[true, "kling", "t"]',
+    '[1, {"a": 1}, ["t"]]',
+    '[1, "kling"]',
+    '{"a": 1}',
+    "[" * 5000 + "]" * 5000,
+    "not json",
+]
+
+
+async def test_a_cursor_it_did_not_hand_out_is_422(live: Live) -> None:
+    for key in CURSORS:
+        response = await live.client.get("/tasks", params={"cursor": cursor(key)})
+        assert response.status_code == 422, (key[:40], response.text)
+        assert response.json()["field"] == "cursor"
 
 
 async def test_a_cursor_with_a_lone_surrogate_reads_a_page(live: Live) -> None:
@@ -205,6 +205,7 @@ async def test_a_cursor_with_a_lone_surrogate_reads_a_page(live: Live) -> None:
     assert response.json() == {"tasks": [], "next_cursor": None}
 
 
+# Negative, past the maximum, not a number, not finite, beyond a float, beyond int()'s digits.
 ABSURD = ["-1", "1e3", "nan", "inf", "-inf", "1e400", "0x10", "ten", "1" + "0" * 5000]
 
 
@@ -219,18 +220,18 @@ ABSURD = ["-1", "1e3", "nan", "inf", "-inf", "1e400", "0x10", "ten", "1" + "0" *
         ("/events/stream", "after"),
     ],
 )
-@pytest.mark.parametrize("value", ABSURD)
-async def test_absurd_parameters_are_422(live: Live, path: str, name: str, value: str) -> None:
-    response = await live.client.get(path, params={name: value})
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == name
+async def test_absurd_parameters_are_422(live: Live, path: str, name: str) -> None:
+    for value in ABSURD:
+        response = await live.client.get(path, params={name: value})
+        assert response.status_code == 422, (value[:20], response.text)
+        assert response.json()["field"] == name
 
 
-@pytest.mark.parametrize("header", [b"\xb2", b"1\xb9", b"-1", b"1e3", b"99999999999999999999"])
-async def test_a_last_event_id_that_is_no_seq_is_422(live: Live, header: bytes) -> None:
-    response = await live.client.get("/events/stream", headers={"Last-Event-ID": header})
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "Last-Event-ID"
+async def test_a_last_event_id_that_is_no_seq_is_422(live: Live) -> None:
+    for header in [b"\xb2", b"1\xb9", b"-1", b"1e3", b"99999999999999999999"]:
+        response = await live.client.get("/events/stream", headers={"Last-Event-ID": header})
+        assert response.status_code == 422, (header, response.text)
+        assert response.json()["field"] == "Last-Event-ID"
 
 
 async def test_after_is_checked_also_when_last_event_id_is_given(live: Live) -> None:
