@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -61,6 +60,9 @@ from reconciler.store.base import (
 logger = logging.getLogger(__name__)
 
 MAX_TASK_ID_LENGTH = 256
+# The longest deadline a registration may ask for. Ten years is past any generation job, and
+# keeps the deadline (and every poll planned before it) well inside what a datetime holds.
+MAX_DEADLINE_SECONDS = 10 * 365 * 86400.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOT_FOUND_ERROR = "not found at provider"
 RESULT_MISSING_ERROR = "the provider reported success but gave no result URL"
@@ -292,6 +294,15 @@ class Service:
         problem = valid_task_id(task_id)
         if problem:
             raise Invalid("task_id", problem)
+        if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_DEADLINE_SECONDS:
+            raise Invalid(
+                "deadline_seconds",
+                f"deadline_seconds must be more than 0 and at most {MAX_DEADLINE_SECONDS:.0f} "
+                "(ten years)",
+            )
+        problem = codec.flaw(metadata or {}, "metadata")
+        if problem:
+            raise Invalid("metadata", problem)
         timing = self.timings[provider]
         adapter = self.providers[provider]
         now = self.clock.now()
@@ -523,18 +534,23 @@ def _encode_cursor(position: ListPosition) -> str:
 
 
 def _decode_cursor(cursor: str) -> ListPosition:
-    """A cursor names the last task of a page by its creation time (RFC 3339 text) and key.
-    Cursors handed out before carried the time as Unix seconds: they are read too."""
+    """The position `_encode_cursor` wrote: the last task's creation time (RFC 3339 text) and
+    key. Cursors handed out before carried the time as Unix seconds: they are read too.
+    Anything else, however it decodes, is refused."""
     try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, provider, task_id = json.loads(base64.urlsafe_b64decode(padded))
-        created_at: datetime | None
-        if isinstance(created, int | float) and not isinstance(created, bool):
-            created_at = datetime.fromtimestamp(created, UTC)
-        else:
-            created_at = parse_iso(created)
-        if created_at is None or not isinstance(provider, str) or not isinstance(task_id, str):
-            raise ValueError(cursor)
-        return created_at, provider, task_id
-    except (ValueError, TypeError, OverflowError, OSError, binascii.Error):
-        raise Invalid("cursor", "the cursor is not one this service handed out") from None
+        key = codec.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error is a ValueError
+        key = None
+    if isinstance(key, list) and len(key) == 3:
+        created, provider, task_id = key
+        created_at: datetime | None = None
+        try:
+            if isinstance(created, str):
+                created_at = parse_iso(created)
+            elif isinstance(created, int | float) and not isinstance(created, bool):
+                created_at = datetime.fromtimestamp(created, UTC)
+        except (ValueError, OverflowError, OSError):
+            created_at = None
+        if created_at is not None and isinstance(provider, str) and isinstance(task_id, str):
+            return created_at, provider, task_id
+    raise Invalid("cursor", "the cursor is not one this service handed out")

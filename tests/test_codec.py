@@ -1,4 +1,5 @@
-"""The JSON codec: orjson, with the standard library for what orjson refuses."""
+"""The JSON codec: orjson, with the standard library for what orjson refuses, read as orjson
+would have read it; and `flaw`, which tells what cannot be stored."""
 
 from __future__ import annotations
 
@@ -39,17 +40,37 @@ def test_text_is_compact_and_keeps_non_ascii() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('{"progress": NaN}', "nan"),  # the standard library's reading, as before orjson
-        ('{"x": "\\ud800"}', "\ud800"),
+        # Not JSON, but what Python's json writes: read as the numbers they name.
+        ('{"progress": NaN}', "nan"),
         ('{"x": Infinity}', math.inf),
+        ('{"x": -Infinity}', -math.inf),
+        ('{"x": 1e400}', math.inf),
+        # A string cut inside a UTF-16 pair: the replacement character, keys included.
+        ('{"x": "a\\ud800b"}', "a\ufffdb"),
+        ('{"x": ["\\udfff", {"\\udc00": 1}]}', ["\ufffd", {"\ufffd": 1}]),
+        ('{"x": "\\ud83c\\udfac", "y": NaN}', "\U0001f3ac"),  # a whole pair stays
+        # Integers as orjson reads them, also when the body had to be read by json.
+        ('{"x": 18446744073709551616, "y": NaN}', 1.8446744073709552e19),
+        ('{"x": -9223372036854775809, "y": NaN}', -9.223372036854775809e18),
+        ('{"x": 18446744073709551615, "y": NaN}', 18446744073709551615),
+        ('{"x": -1' + "0" * 400 + ', "y": NaN}', -math.inf),
     ],
 )
-def test_what_orjson_refuses_is_read_as_json_reads_it(text: str, expected: Any) -> None:
+def test_what_orjson_refuses_is_read_as_orjson_would_have(text: str, expected: Any) -> None:
     value = next(iter(codec.loads(text).values()))
     if expected == "nan":
         assert math.isnan(value)
     else:
         assert value == expected
+        assert type(value) is type(expected)
+
+
+@given(st.text(st.characters(categories=["Cs", "Lo", "Cc"]), max_size=10))
+def test_every_string_read_can_be_written(text: str) -> None:
+    """Whatever a sender's escapes say, what is read is written back without an error."""
+    escaped = json.dumps({text: [text]})  # ASCII escapes: a lone surrogate as \udXXX
+    value = codec.loads(escaped)
+    assert codec.loads(codec.dumps(value)) == value
 
 
 def test_errors_are_those_of_json() -> None:
@@ -57,6 +78,8 @@ def test_errors_are_those_of_json() -> None:
         codec.loads(b"hello")
     with pytest.raises(ValueError):
         codec.loads(b'{"a": "\xff"}')
+    with pytest.raises(ValueError):
+        codec.loads(b'{"a": 1' + b"0" * 5000 + b', "b": NaN}')  # past int()'s digit limit
     with pytest.raises(RecursionError):
         codec.loads(b"[" * 100_000 + b"]" * 100_000)
 
@@ -64,3 +87,31 @@ def test_errors_are_those_of_json() -> None:
 def test_integers_beyond_64_bits_read_as_floats() -> None:
     assert codec.loads(b"[18446744073709551615]") == [18446744073709551615]
     assert codec.loads(b"[18446744073709551616]") == [1.8446744073709552e19]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ({"x": 1, "y": [None, {"z": "é"}]}, None),
+        ({"x": math.nan}, "metadata.x is NaN, which is not a JSON number"),
+        ({"x": [1, {"y": math.inf}]}, "metadata.x[1].y is Infinity, which is not a JSON number"),
+        ({"a": -math.inf, "b": math.nan}, "metadata.a is -Infinity, which is not a JSON number"),
+        (json.loads("[" * 128 + "]" * 128), None),
+        (json.loads("[" * 129 + "]" * 129), "metadata nests deeper than 128 levels"),
+        ({"a": json.loads("[" * 128 + "]" * 128)}, "metadata nests deeper than 128 levels"),
+    ],
+)
+def test_flaw_names_what_cannot_be_stored(value: Any, problem: str | None) -> None:
+    assert codec.flaw(value, "metadata") == problem
+
+
+@given(values)
+def test_what_has_no_flaw_is_written(value: Any) -> None:
+    assert codec.flaw(value, "value") is None
+    assert codec.loads(codec.dumps(value)) == value
+
+
+def test_flaw_reads_orjson_depth_without_recursion() -> None:
+    deepest = codec.loads(b"[" * 1024 + b"]" * 1024)
+    assert codec.flaw(deepest, "metadata") == "metadata nests deeper than 128 levels"
+    assert codec.flaw(deepest, "metadata", max_depth=2000) is None

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from reconciler import __version__
+from reconciler.codec import MAX_DEPTH
 from reconciler.config import PROVIDER_NAMES
 from reconciler.model import EventType, Source, Status
-from reconciler.service import SETTLED_BY
+from reconciler.service import MAX_DEADLINE_SECONDS, MAX_TASK_ID_LENGTH, SETTLED_BY
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -134,10 +135,32 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["provider", "task_id"],
         "properties": {
             "provider": {"type": "string", "enum": list(PROVIDER_NAMES)},
-            "task_id": {"type": ["string", "integer"], "maxLength": 256},
+            "task_id": {
+                "anyOf": [
+                    {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_TASK_ID_LENGTH,
+                        "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+                    },
+                    # Numeric ids as JSON numbers; JSON text reads exactly within 64 bits.
+                    {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1},
+                ],
+                "description": "The provider's task id: no control characters.",
+            },
             "action": {"type": "string", "minLength": 1, "maxLength": 64},
-            "metadata": {"type": "object"},
-            "deadline_seconds": {"type": "number", "exclusiveMinimum": 0},
+            "metadata": {
+                "type": "object",
+                "description": f"Any JSON object nested at most {MAX_DEPTH} levels; merged "
+                "into the task's metadata.",
+            },
+            "deadline_seconds": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": MAX_DEADLINE_SECONDS,
+                "description": "Seconds after the task's creation before it expires (at most "
+                "ten years).",
+            },
         },
     },
     "TaskPage": {
@@ -229,8 +252,12 @@ def ok(schema: str, description: str) -> dict[str, Any]:
 
 
 def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}  # fmt: skip
+    parameter = {"name": name, "in": "query", "required": False, "schema": schema,
+                 "description": description}  # fmt: skip
+    if schema.get("type") != "string":
+        # A parameter given empty (`?limit=`, as a form sends it) is taken as not given.
+        parameter["allowEmptyValue"] = True
+    return parameter
 
 
 def path(name: str, description: str) -> dict[str, Any]:
@@ -399,8 +426,9 @@ PATHS: dict[str, Any] = {
                     "name": "Last-Event-ID",
                     "in": "header",
                     "required": False,
-                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                    "description": "The last `seq` received; the stream resumes after it.",
+                    "schema": {"type": "string", "pattern": "^[0-9]*$"},
+                    "description": "The last `seq` received; the stream resumes after it "
+                    "(empty: as if not sent).",
                 },
             ],
             "responses": {

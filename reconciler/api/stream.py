@@ -207,11 +207,14 @@ async def _disconnect(receive: Receive) -> None:
 
 def resume_point(request: Request) -> int:
     """Where a stream starts: `Last-Event-ID` (a reconnecting EventSource) wins over
-    `?after=`, which the same EventSource repeats from its original URL."""
+    `?after=`, which the same EventSource repeats from its original URL (and which must be
+    valid all the same)."""
+    after = int_param(request, "after", 0, 0, MAX_SEQ)
     header = request.headers.get("last-event-id", "").strip()
     if not header:
-        return int_param(request, "after", 0, 0, MAX_SEQ)
-    if not header.isdigit() or int(header) > MAX_SEQ:
+        return after
+    # ASCII digits only: `isdigit` also takes "²", which `int` refuses.
+    if not (header.isascii() and header.isdigit()) or int(header) > MAX_SEQ:
         raise ApiError(422, "invalid", "Last-Event-ID must be an event seq", field="Last-Event-ID")
     return int(header)
 

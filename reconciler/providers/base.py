@@ -297,8 +297,13 @@ def timestamp(value: object) -> datetime | None:
             parsed = datetime.fromisoformat(stripped.replace("Z", "+00:00"))
         except ValueError:
             parsed = None
+        if parsed is not None and parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
         if parsed is not None:
-            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            try:
+                return parsed.astimezone(UTC)
+            except OverflowError:  # its offset moves it past the first or last day there is
+                return None
     seconds = number(value)
     if seconds is None or seconds <= 0:
         return None

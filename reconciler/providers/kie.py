@@ -18,13 +18,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from reconciler import codec
 from reconciler.errors import (
     AuthRejected,
     BadPayload,
@@ -220,7 +220,7 @@ def sign(key: str, task_id: str, stamp: str) -> str:
 
 def _signed_task_id(body: bytes) -> str | None:
     try:
-        payload = json.loads(body)
+        payload = codec.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     # Kie's sample verifier reads `data.task_id`; its bodies say `data.taskId` (§4.3).
@@ -385,7 +385,7 @@ def _result_json(value: object) -> dict[str, Any]:
     if not isinstance(value, str):
         return {}
     try:
-        decoded = json.loads(value)
+        decoded = codec.loads(value)
     except (ValueError, RecursionError):
         return {}
     return decoded if isinstance(decoded, dict) else {}
