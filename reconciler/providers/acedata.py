@@ -13,7 +13,6 @@ not used here (PROVIDERS §6.8). Records carry no top-level status: the state is
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
@@ -195,27 +194,15 @@ class AceData(Provider):
         body = require_object(payload, self.name)
         if "response" in body or "request" in body:
             return _record(body, self.name)  # the wrapped form: a whole task record
-        with _numbers_in_range(self.name):
-            task_id = _task_id(body.get("task_id"), self.name) or _task_id(
-                body.get("id"), self.name
-            )
-            if task_id is None:
-                raise BadPayload(f"{self.name}: callback has no task_id")
-            return _observe(task_id, body, body, self.name)
+        task_id = _task_id(body.get("task_id"), self.name) or _task_id(body.get("id"), self.name)
+        if task_id is None:
+            raise BadPayload(f"{self.name}: callback has no task_id")
+        return _observe(task_id, body, body, self.name)
 
 
 def _chunks(tasks: Sequence[Task], size: int) -> Iterator[Sequence[Task]]:
     for start in range(0, len(tasks), max(1, size)):
         yield tasks[start : start + size]
-
-
-@contextlib.contextmanager
-def _numbers_in_range(provider: str) -> Iterator[None]:
-    # JSON integers can exceed any float; base's number helpers then raise OverflowError.
-    try:
-        yield
-    except OverflowError:
-        raise BadPayload(f"{provider}: a number in the body is out of range") from None
 
 
 def _word(value: object) -> str | None:
@@ -233,11 +220,6 @@ def _task_id(value: object, provider: str) -> str | None:
 
 def _record(record: dict[str, Any], provider: str) -> Observation:
     """A task record (`retrieve`, a batch item, or a wrapped callback)."""
-    with _numbers_in_range(provider):
-        return _read_record(record, provider)
-
-
-def _read_record(record: dict[str, Any], provider: str) -> Observation:
     response = record.get("response")
     if response is not None and not isinstance(response, dict):
         raise BadPayload(f"{provider}: record `response` is a {type(response).__name__}")

@@ -19,7 +19,6 @@ that is not JSON (by default its status, else an unreadable answer to try again 
 from __future__ import annotations
 
 import abc
-import json
 import math
 import re
 from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from reconciler import codec
 from reconciler.clock import Clock, SystemClock
 from reconciler.config import ProviderSettings
 from reconciler.errors import (
@@ -156,7 +156,7 @@ def read_answer(response: httpx.Response, provider: Provider) -> object:
     """
     now = provider.clock.now()
     try:
-        body: object = json.loads(response.content)
+        body: object = codec.loads(response.content)
     except (ValueError, RecursionError) as undecodable:  # UnicodeDecodeError is a ValueError
         raise provider.not_json_error(response, now) from undecodable
     error = provider.answer_error(response, body, now)

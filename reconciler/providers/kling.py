@@ -13,7 +13,6 @@ Sources: PROVIDERS.md §1 (endpoints §1.2, list §1.4, callbacks §1.9, JWT §1
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import warnings
 from collections.abc import Generator, Iterator, Sequence
@@ -24,6 +23,7 @@ import httpx
 import jwt
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
 
+from reconciler import codec
 from reconciler.clock import Clock
 from reconciler.config import ProviderSettings
 from reconciler.errors import BadPayload, ConfigError, NotFound, ProviderError, SignatureError
@@ -260,7 +260,7 @@ class Kling(Provider):
 def business_code_of(response: httpx.Response) -> int | None:
     """The business code of an answer `read_answer` has already refused, if it has one."""
     try:
-        return business_code(json.loads(response.content))
+        return business_code(codec.loads(response.content))
     except (ValueError, RecursionError):
         return None
 

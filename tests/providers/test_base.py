@@ -252,8 +252,9 @@ def test_a_huge_page_is_cut_short_and_flattened_in_the_message() -> None:
 
 
 def test_huge_numbers_are_decoded_not_refused() -> None:
-    """An integer too large for a float is still JSON: reading it is the adapter's business."""
-    assert read(answer(200, content=b'{"code": 1' + b"0" * 400 + b"}")) == {"code": 10**400}
+    """An integer too large for a float is still JSON: it reads as the codec reads every body
+    (callbacks too), as an infinite float, and what it means is the adapter's business."""
+    assert read(answer(200, content=b'{"code": 1' + b"0" * 400 + b"}")) == {"code": float("inf")}
 
 
 @pytest.mark.parametrize("status", [200, 404])
@@ -339,3 +340,10 @@ def test_in_a_one_by_one_flow_task_errors_are_results_and_the_rest_is_raised() -
     assert isinstance(results[2].error, BadPayload)
     with pytest.raises(RateLimited):
         offline(provider.poll([new_task("plain", "a", "text2video")]), lambda _: answer(429, {}))
+
+
+def test_an_answer_with_a_lone_surrogate_reads_as_the_replacement_character() -> None:
+    """A string cut inside a UTF-16 pair must not make the poll's write fail later."""
+    provider = Plain(ProviderSettings(name="plain", base_url="https://provider.test"))
+    response = httpx.Response(200, content=b'{"code": 0, "msg": "cut \\ud83c here"}')
+    assert read_answer(response, provider) == {"code": 0, "msg": "cut \ufffd here"}
