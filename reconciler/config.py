@@ -47,6 +47,10 @@ DEFAULT_FIRST_POLL_AFTER = {
     "kie": 120.0,
 }
 
+# The longest duration any setting or registration may name: ten years. Longer ones are
+# almost surely mistakes, and past a few thousand years a date can no longer hold them.
+MAX_DURATION_SECONDS = 10 * 365 * 86400.0
+
 # Requests per second per provider. Kling publishes no figure (PROVIDERS §1.6) and AceData
 # asks for under 1 req/s; the SPEC default is 5 and each is overridable.
 DEFAULT_RATE_LIMIT = 5.0
@@ -237,7 +241,7 @@ class _Reader:
         return None if value is None else int(value)
 
     def seconds(self, name: str, default: float, low: float = 0.0) -> float:
-        value = self._number(name, default, float, "a number of seconds", low, None)
+        value = self._number(name, default, float, "a number of seconds", low, MAX_DURATION_SECONDS)
         assert value is not None
         return value
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from reconciler import codec, schedule
 from reconciler.clock import Clock
-from reconciler.config import Settings
+from reconciler.config import MAX_DURATION_SECONDS, Settings
 from reconciler.errors import (
     AuthRejected,
     BadPayload,
@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 MAX_TASK_ID_LENGTH = 256
 # The longest deadline a registration may ask for. Ten years is past any generation job, and
 # keeps the deadline (and every poll planned before it) well inside what a datetime holds.
-MAX_DEADLINE_SECONDS = 10 * 365 * 86400.0
+MAX_DEADLINE_SECONDS = MAX_DURATION_SECONDS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NOT_FOUND_ERROR = "not found at provider"
 RESULT_MISSING_ERROR = "the provider reported success but gave no result URL"

@@ -392,3 +392,13 @@ def test_env_file_not_utf8(tmp_path: Path) -> None:
         read_env_file(path)
     assert str(caught.value) == f"--env-file {str(path)!r}: not UTF-8 text (byte 8)."
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["RECONCILER_DEADLINE", "KLING_FIRST_POLL_AFTER", "RECONCILER_POLL_INTERVAL_MAX"]
+)
+def test_a_duration_beyond_ten_years_is_refused_at_start_up(name: str) -> None:
+    """A date cannot hold `now + 1e300 s`: every registration would fail later instead."""
+    with pytest.raises(ConfigError, match=rf"^{name} has value '1e300': must be at most "):
+        Settings.from_environ({name: "1e300"})
+    assert Settings.from_environ({name: str(10 * 365 * 86400)}) is not None
