@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +30,7 @@ from reconciler.store.postgres import PostgresStore
 from reconciler.store.rows import Chunk
 from reconciler.store.sqlite import SQLiteStore
 from reconciler.store.transfer import copy
+from tests import postgres
 
 START = datetime(2026, 3, 1, 9, 30, 0, 123_457, tzinfo=UTC)
 CHUNK_ROWS = 16  # small, so that every table spans several chunks
@@ -361,3 +365,109 @@ async def test_an_export_reads_one_snapshot(source: Path) -> None:
     assert sum(len(chunk.tasks) for chunk in exported) == tasks
     assert sum(len(chunk.deliveries) for chunk in exported) == deliveries
     assert [e.seq for chunk in exported for e in chunk.events] == list(range(1, events + 1))
+
+
+# --- the command, as a user runs it -------------------------------------------------------
+
+TIMEOUT = 60
+
+
+def run_copy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "PORT"))}
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", "copy", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**clean, **env},
+    )
+
+
+@pytest.fixture
+async def bare_url(postgres_server: postgres.Server) -> AsyncIterator[str]:
+    """A database never migrated: the copy migrates it first."""
+    name = f"{postgres_server.template}_bare"
+    admin = await asyncpg.connect(postgres_server.url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = postgres.database_url(postgres_server.url, name)
+    yield url
+    await postgres_server.drop(url)
+
+
+def with_password(url: str, password: str) -> str:
+    # The test server trusts loopback: a password in the URL is accepted and never checked.
+    return url.replace("://postgres@", f"://postgres:{password}@")
+
+
+async def test_the_command_copies_once_then_refuses(
+    source: Path, bare_url: str, tmp_path: Path
+) -> None:
+    secret = "s3cret-pw"
+    target = with_password(bare_url, secret)
+    assert secret in target
+    env_file = tmp_path / "conf.env"
+    env_file.write_text(f"RECONCILER_DATABASE_URL=sqlite:///{source}\n")
+    tasks, deliveries, events = counts(source)
+    redacted = target.replace(secret, "***")
+
+    done = await asyncio.to_thread(run_copy, "--to", target, "--env-file", str(env_file), env={})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"copied {tasks} tasks, {deliveries} deliveries and {events} events "
+        f"(last seq {events}) into {redacted}"
+    ]
+    async with PostgresStore(bare_url) as copied:
+        assert await copied.last_seq() == events
+        assert len(await copied.list_tasks(limit=1000)) == tasks
+    before = await stored_rows(bare_url)
+
+    again = await asyncio.to_thread(run_copy, "--to", target, "--env-file", str(env_file), env={})
+    assert again.returncode == 1
+    assert again.stdout == ""
+    assert again.stderr.splitlines() == [
+        f"reconciler: the target database {redacted} is not empty: copy writes only into a "
+        "database that has never held tasks, deliveries or events; nothing was copied."
+    ]
+    assert await stored_rows(bare_url) == before
+    for result in (done, again):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("database_url", "to", "message"),
+    [
+        (
+            "postgresql://app:s3cret-pw@db.example/app",
+            "postgresql://postgres@127.0.0.1/copy",
+            "reconciler: copy reads a SQLite database, but RECONCILER_DATABASE_URL is "
+            "'postgresql://app:***@db.example/app': set it to the sqlite:/// database to copy.",
+        ),
+        (
+            "sqlite:///{source}",
+            "mysql://app:s3cret-pw@db.example/app",
+            "reconciler: --to has value 'mysql://app:***@db.example/app': "
+            "expected postgresql://… or postgres://…",
+        ),
+        (
+            "sqlite:///{missing}",
+            "postgresql://postgres@127.0.0.1/copy",
+            "reconciler: RECONCILER_DATABASE_URL is 'sqlite:///{missing}', and no database "
+            "file is there: nothing to copy.",
+        ),
+    ],
+    ids=["source-not-sqlite", "target-not-postgresql", "no-source-file"],
+)
+def test_what_cannot_be_copied_is_one_line_and_exit_2(
+    tmp_path: Path, database_url: str, to: str, message: str
+) -> None:
+    existing = tmp_path / "source.db"
+    sqlite3.connect(existing).close()
+    names = {"source": existing, "missing": tmp_path / "missing.db"}
+    result = run_copy("--to", to, env={"RECONCILER_DATABASE_URL": database_url.format_map(names)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [message.format_map(names)]
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert not (tmp_path / "missing.db").exists()
