@@ -4,7 +4,8 @@
 before uvicorn starts, so the reconciler loop stops gracefully and the exit code is 0.
 `track` and `tail` talk to a running server over HTTP: one process owns the database.
 `migrate` and `replay` open the database themselves (replay beside a running server too:
-ids are read inside each write transaction).
+ids are read inside each write transaction); so does `copy`, which reads one snapshot of
+it.
 
 Bad configuration prints one line and exits 2.
 """
@@ -16,15 +17,18 @@ import json
 import os
 import sys
 from collections.abc import Coroutine, Iterator, Mapping
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 import click
 import httpx
 
 from reconciler import __version__, logs
-from reconciler.config import PROVIDER_NAMES, Settings, read_env_file
+from reconciler.config import PROVIDER_NAMES, Settings, read_env_file, redact_url
 from reconciler.errors import ConfigError, ReconcilerError
+
+if TYPE_CHECKING:
+    from reconciler.store.rows import Copied
 
 
 def load_settings(env_file: str | None, overrides: Mapping[str, str] | None = None) -> Settings:
@@ -302,3 +306,37 @@ def callback_url(env_file: str | None, provider: str) -> None:
     if settings.callback_token is not None:
         url += f"?token={quote(settings.callback_token.reveal(), safe='')}"
     click.echo(url)
+
+
+@main.command("copy")
+@env_file_option
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    metavar="postgresql://…",
+    help="An empty PostgreSQL database to copy into.",
+)
+def copy_database(env_file: str | None, target: str) -> None:
+    """Copy this (SQLite) database into an empty PostgreSQL one, seqs and ids kept."""
+    from reconciler.store.transfer import copy, source_path
+
+    try:
+        settings = load_settings(env_file)
+        source = source_path(settings.database_url, target)
+    except ConfigError as error:
+        fail(str(error))
+
+    async def run() -> Copied:
+        return await copy(source, target)
+
+    try:
+        copied = asyncio.run(run())
+    except ConfigError as error:
+        fail(str(error))
+    except ReconcilerError as error:
+        fail(str(error), 1)
+    click.echo(
+        f"copied {copied.tasks} tasks, {copied.deliveries} deliveries and {copied.events} "
+        f"events (last seq {copied.last_seq}) into {redact_url(target)}"
+    )

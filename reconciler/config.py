@@ -119,10 +119,10 @@ class Settings:
     def __repr__(self) -> str:
         # The database URL may carry a password: show it redacted, like every other secret.
         return (
-            f"Settings(database_url={_redact_url(self.database_url)!r}, host={self.host!r}, "
+            f"Settings(database_url={redact_url(self.database_url)!r}, host={self.host!r}, "
             f"port={self.port!r}, api_token={self.api_token!r}, "
             f"callback_token={self.callback_token!r}, "
-            f"public_url={None if self.public_url is None else _redact_url(self.public_url)!r}, "
+            f"public_url={None if self.public_url is None else redact_url(self.public_url)!r}, "
             f"max_body_bytes={self.max_body_bytes!r}, "
             f"progress_event_interval={self.progress_event_interval!r}, "
             f"providers={dict(self.providers)!r})"
@@ -258,7 +258,7 @@ def _check_database_url(url: str) -> None:
     if url.startswith(("postgresql://", "postgres://")):
         return
     raise ConfigError(
-        f"RECONCILER_DATABASE_URL has value {_redact_url(url)!r}: "
+        f"RECONCILER_DATABASE_URL has value {redact_url(url)!r}: "
         "expected sqlite:///PATH or postgresql://…"
     )
 
@@ -271,10 +271,10 @@ def _check_http_url(name: str, url: str) -> None:
     except ValueError:
         usable = False
     if not usable:
-        raise ConfigError(f"{name} has value {_redact_url(url)!r}: not an http(s) URL.")
+        raise ConfigError(f"{name} has value {redact_url(url)!r}: not an http(s) URL.")
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     try:
         password = urlsplit(url).password
     except ValueError:  # unparseable: hide whatever sits between "://" and "@"

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,7 +69,15 @@ from reconciler.store.batch import (
     settle,
     write_batch,
 )
-from reconciler.store.rows import served, task_from_json
+from reconciler.store.rows import (
+    Chunk,
+    Copied,
+    StoredDelivery,
+    StoredEvent,
+    StoredTask,
+    served,
+    task_from_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -623,6 +631,58 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
 
+    # --- import (`reconciler copy`) ------------------------------------------------------------
+
+    async def is_empty(self) -> bool:
+        """True while the database has never held a task, delivery or event."""
+        rows = await self._fetch(_IS_EMPTY)
+        empty: bool = rows[0][0]
+        return empty
+
+    async def import_rows(self, chunks: AsyncIterable[Chunk]) -> Copied:
+        """Write exported rows into this empty database as they are (seqs, ids and stored
+        text kept), one COPY per chunk, all in one transaction; then move the log's head
+        and the delivery ids past what was copied, so writes continue after it. Whatever
+        fails, the database is left as it was: a refusal or an error is a StoreError."""
+        conn = await self._connect("copy")
+        try:
+            async with conn.transaction():
+                # Writers wait until the copy commits (readers still read, and see nothing
+                # of it before): no write can take a seq or an id the copy brings.
+                await conn.execute(_LOCK_FOR_IMPORT)
+                if not await conn.fetchval(_IS_EMPTY):
+                    raise StoreError("the target database is not empty: nothing was copied.")
+                tasks = deliveries = events = 0
+                async for chunk in chunks:
+                    if chunk.tasks:
+                        await conn.copy_records_to_table(
+                            "tasks", records=_task_records(chunk.tasks), columns=_TASK_COLUMNS
+                        )
+                        tasks += len(chunk.tasks)
+                    if chunk.deliveries:
+                        await conn.copy_records_to_table(
+                            "deliveries",
+                            records=_delivery_records(chunk.deliveries),
+                            columns=_DELIVERY_COLUMNS,
+                        )
+                        deliveries += len(chunk.deliveries)
+                    if chunk.events:
+                        await conn.copy_records_to_table(
+                            "events", records=_event_records(chunk.events), columns=_EVENT_COLUMNS
+                        )
+                        events += len(chunk.events)
+                last_seq: int = await conn.fetchval(_HEAD_AFTER_IMPORT)
+                await conn.execute(_DELIVERY_IDS_AFTER_IMPORT)
+                # A replica already running on this database hears of the copy at COMMIT.
+                earliest: datetime | None = await conn.fetchval(_EARLIEST_DUE)
+                await conn.execute(_NOTIFY_HEAD, CHANNEL, f"{last_seq} {_notice(earliest)}")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise StoreError(f"copy failed ({type(error).__name__}: {error})") from error
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+        return Copied(tasks, deliveries, events, last_seq)
+
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply pending migrations under a session lock, so that replicas starting together on
@@ -663,3 +723,88 @@ def _columns(rows: Collection[Sequence[Any]], width: int) -> list[list[Any]]:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
     return columns
+
+
+# --- import (`PostgresStore.import_rows`) ----------------------------------------------------
+
+_IS_EMPTY = """
+SELECT NOT EXISTS (SELECT FROM tasks) AND NOT EXISTS (SELECT FROM deliveries)
+   AND NOT EXISTS (SELECT FROM events) AND (SELECT last_seq FROM log_head WHERE id = 1) = 0
+"""
+_LOCK_FOR_IMPORT = "LOCK TABLE tasks, deliveries, events, log_head IN EXCLUSIVE MODE"
+_TASK_COLUMNS = (
+    "provider",
+    "task_id",
+    "status",
+    "source",
+    "external_task_id",
+    "created_at",
+    "updated_at",
+    "next_poll_at",
+    "version",
+    "data",
+)
+_DELIVERY_COLUMNS = (
+    "id",
+    "provider",
+    "received_at",
+    "headers",
+    "body",
+    "sha256",
+    "outcome",
+    "error",
+    "task_id",
+)
+_EVENT_COLUMNS = ("seq", "provider", "task_id", "type", "at", "body")
+_HEAD_AFTER_IMPORT = """
+UPDATE log_head SET last_seq = (SELECT coalesce(max(seq), 0) FROM events) WHERE id = 1
+RETURNING last_seq
+"""
+# is_called = false: the next nextval() returns exactly the largest id + 1 (1 when none).
+_DELIVERY_IDS_AFTER_IMPORT = """
+SELECT setval(pg_get_serial_sequence('deliveries', 'id'),
+              (SELECT coalesce(max(id), 0) + 1 FROM deliveries), false)
+"""
+_EARLIEST_DUE = "SELECT min(next_poll_at) FROM tasks"
+_NOTIFY_HEAD = "SELECT pg_notify($1, $2)"
+
+
+# The plain text columns get what the writer gives them (`_text`); the JSON and the bodies
+# go in exactly as stored.
+def _task_records(rows: Sequence[StoredTask]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            t.provider,
+            t.task_id,
+            t.status,
+            t.source,
+            _text(t.external_task_id),
+            t.created_at,
+            t.updated_at,
+            t.next_poll_at,
+            t.version,
+            t.data,
+        )
+        for t in rows
+    ]
+
+
+def _delivery_records(rows: Sequence[StoredDelivery]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            d.id,
+            d.provider,
+            d.received_at,
+            d.headers,
+            d.body,
+            d.sha256,
+            d.outcome,
+            _text(d.error),
+            _text(d.task_id),
+        )
+        for d in rows
+    ]
+
+
+def _event_records(rows: Sequence[StoredEvent]) -> list[tuple[Any, ...]]:
+    return [(e.seq, e.provider, e.task_id, e.type, e.at, e.body) for e in rows]

@@ -6,10 +6,14 @@ and the `next_poll_at` column is the truth (`task_from_json`).
 An event is stored as its public JSON *without* `seq`: a backend learns the seqs of a
 batch's events only when it writes them (PostgreSQL takes them from a counter as the last
 step before COMMIT), so `seq` is put in front when the event is read (`served`).
+Whole rows as kept (`StoredTask`, `StoredDelivery`, `StoredEvent`) are what moves when a
+database is copied to another backend: stored text as is, times as datetimes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -96,3 +100,63 @@ def event_json(change: Change, delivery_id: int | None, at: datetime, task_json:
 def served(seq: int, stored: str) -> str:
     """A stored event's JSON as served: `seq` first, then what was stored."""
     return f'{{"seq":{seq},{stored[1:]}'
+
+
+# --- whole rows, for moving a database to another backend (`store/transfer.py`) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A task row as kept: its columns and its stored JSON, which is copied as is."""
+
+    provider: str
+    task_id: str
+    status: str
+    source: str
+    external_task_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_poll_at: datetime | None
+    version: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDelivery:
+    id: int
+    provider: str
+    received_at: datetime
+    headers: str  # the JSON object as stored
+    body: bytes
+    sha256: str
+    outcome: str
+    error: str | None
+    task_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    provider: str
+    task_id: str
+    type: str
+    at: datetime
+    body: str  # as stored: without its seq
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Rows of one table, a few thousand at most: what an export yields and an import
+    writes with one statement."""
+
+    tasks: Sequence[StoredTask] = ()
+    deliveries: Sequence[StoredDelivery] = ()
+    events: Sequence[StoredEvent] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Copied:
+    tasks: int
+    deliveries: int
+    events: int
+    last_seq: int  # the log's head after the copy: the largest seq copied

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,7 +61,14 @@ from reconciler.store.batch import (
     settle,
     write_batch,
 )
-from reconciler.store.rows import served, task_from_json
+from reconciler.store.rows import (
+    Chunk,
+    StoredDelivery,
+    StoredEvent,
+    StoredTask,
+    served,
+    task_from_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -547,6 +554,27 @@ class SQLiteStore:
         """One process owns a SQLite file: its loop leads from the start, for good."""
         yield asyncio.Event()
 
+    # --- export (`reconciler copy`) ----------------------------------------------------------
+
+    async def export(self, chunk_rows: int, chunk_bytes: int) -> AsyncGenerator[Chunk, None]:
+        """Every task, delivery and event as stored, in chunks of at most `chunk_rows` rows
+        or about `chunk_bytes` of text and bodies, so a large database is never held in
+        memory. All of it is read from one snapshot: a write committed meanwhile is in none
+        of it. Close the iterator (`contextlib.aclosing`) when not reading it to the end."""
+        async with self._reader() as db:
+            # One read transaction: every SELECT in it sees the same snapshot of the WAL.
+            await db.execute("BEGIN")
+            try:
+                async for rows in _read_chunks(db, _EXPORT_TASKS, chunk_rows, chunk_bytes, 9):
+                    yield Chunk(tasks=[_stored_task(row) for row in rows])
+                async for rows in _read_chunks(db, _EXPORT_DELIVERIES, chunk_rows, chunk_bytes, 4):
+                    yield Chunk(deliveries=[_stored_delivery(row) for row in rows])
+                async for rows in _read_chunks(db, _EXPORT_EVENTS, chunk_rows, chunk_bytes, 5):
+                    yield Chunk(events=[_stored_event(row) for row in rows])
+            finally:
+                with contextlib.suppress(Exception):
+                    await db.execute("ROLLBACK")  # it only read
+
 
 _TIMES = (
     "created_at",
@@ -681,3 +709,68 @@ def _by_provider(keys: Collection[tuple[str, str]]) -> dict[str, list[str]]:
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# --- export (`SQLiteStore.export`) ---------------------------------------------------------
+
+_EXPORT_TASKS = """
+SELECT provider, task_id, status, source, external_task_id, created_at, updated_at,
+       next_poll_at, version, data
+FROM tasks ORDER BY rowid
+"""
+_EXPORT_DELIVERIES = """
+SELECT id, provider, received_at, headers, body, sha256, outcome, error, task_id
+FROM deliveries ORDER BY id
+"""
+_EXPORT_EVENTS = "SELECT seq, provider, task_id, type, at, body FROM events ORDER BY seq"
+FETCH_ROWS = 500  # rows per fetch from the cursor (each one a hop to aiosqlite's thread)
+
+
+async def _read_chunks(
+    db: aiosqlite.Connection, sql: str, chunk_rows: int, chunk_bytes: int, weighed: int
+) -> AsyncIterator[list[sqlite3.Row]]:
+    """The rows of `sql` in chunks of at most `chunk_rows`, each ending once the lengths of
+    its column `weighed` (the JSON or the body) reach `chunk_bytes`."""
+    try:
+        async with db.execute(sql) as cursor:
+            chunk: list[sqlite3.Row] = []
+            size = 0
+            while rows := await cursor.fetchmany(FETCH_ROWS):
+                for row in rows:
+                    chunk.append(row)
+                    size += len(row[weighed])
+                    if len(chunk) >= chunk_rows or size >= chunk_bytes:
+                        yield chunk
+                        chunk, size = [], 0
+            if chunk:
+                yield chunk
+    except sqlite3.Error as error:
+        raise StoreError(f"reading the SQLite database failed: {error}") from error
+
+
+def _stored_task(row: sqlite3.Row) -> StoredTask:
+    provider, task_id, status, source, external, created, updated, due, version, data = row
+    return StoredTask(
+        provider,
+        task_id,
+        status,
+        source,
+        external,
+        from_epoch(created),
+        from_epoch(updated),
+        None if due is None else from_epoch(due),
+        version,
+        data,
+    )
+
+
+def _stored_delivery(row: sqlite3.Row) -> StoredDelivery:
+    did, provider, received_at, headers, body, sha, outcome, error, task_id = row
+    return StoredDelivery(
+        did, provider, from_epoch(received_at), headers, bytes(body), sha, outcome, error, task_id
+    )
+
+
+def _stored_event(row: sqlite3.Row) -> StoredEvent:
+    seq, provider, task_id, type_, at, body = row
+    return StoredEvent(seq, provider, task_id, type_, from_epoch(at), body)
