@@ -150,7 +150,7 @@ def migrate(env_file: str | None) -> None:
         asyncio.run(run())
     except ReconcilerError as error:
         fail(str(error), 1)
-    click.echo(f"database {settings.database_url} is up to date")
+    click.echo(f"database {redact_url(settings.database_url)} is up to date")
 
 
 def _api(settings: Settings, url: str | None) -> httpx.Client:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -217,3 +220,18 @@ async def test_one_replica_leads_and_another_takes_over(url: str) -> None:
 async def _lead(store: PostgresStore) -> None:
     async with store.leadership():
         pass
+
+
+def test_migrate_prints_the_database_without_its_password(url: str) -> None:
+    secret_url = url.replace("postgres@", "postgres:pw-s3cret@", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "RECONCILER_DATABASE_URL": secret_url},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "is up to date" in done.stdout
+    assert "pw-s3cret" not in done.stdout + done.stderr
