@@ -41,7 +41,7 @@ from reconciler.errors import (
     Timeout,
 )
 from reconciler.limits import PAUSE_SECONDS, BreakerState, Outcome, ProviderLimits, after
-from reconciler.model import Task, iso
+from reconciler.model import Status, Task, iso
 from reconciler.providers import PollFlow, PollResult, Provider
 from reconciler.service import Service
 
@@ -60,7 +60,7 @@ class PassReport:
     """What one pass did (flows of the pass update it as they finish)."""
 
     leased: int = 0
-    expired: int = 0
+    expired: int = 0  # at their deadline: after a last poll, or with their provider held
     batches: int = 0  # batch exchanges started
     dispatched: int = 0  # tasks in those batches
     settled: int = 0  # tasks whose poll result (an observation or a task error) was applied
@@ -257,15 +257,11 @@ class Reconciler:
         report.leased += len(leased)
         self._record_lag(now, leased)
         by_provider: dict[str, list[Task]] = {}
+        for task in leased:
+            by_provider.setdefault(task.provider, []).append(task)
         # Expiries and hand-backs are committed before the pass ends, so that the loop's
         # next `next_due_at` already sees them; only the polls outlive the pass.
         async with asyncio.TaskGroup() as writes:
-            for task in leased:
-                if now >= task.deadline_at:
-                    report.expired += 1
-                    writes.create_task(self.service.expire(task))
-                else:
-                    by_provider.setdefault(task.provider, []).append(task)
             for name, tasks in by_provider.items():
                 self._dispatch(group, writes, name, tasks, now, report)
         return len(leased)
@@ -290,8 +286,8 @@ class Reconciler:
         lane = self._lanes.get(name)
         if lane is None:  # a provider dropped from the code but still in the database
             logger.warning("no adapter for provider %r: %d task(s) held", name, len(tasks))
-            report.deferred += len(tasks)
-            writes.create_task(self.service.defer(tasks, after(now, PAUSE_SECONDS)))
+            until = after(now, PAUSE_SECONDS)
+            writes.create_task(self._hand_back(tasks, until, report, held=True))
             return
         if not lane.provider.settings.configured:
             # No base URL or credentials: nothing to ask. The tasks (created by callbacks to
@@ -303,10 +299,16 @@ class Reconciler:
                 name,
                 len(tasks),
             )
-            report.deferred += len(tasks)
             for task in tasks:
-                writes.create_task(self.service.defer([task], task.deadline_at))
+                until = task.deadline_at
+                writes.create_task(self._hand_back([task], until, report, held=True))
             return
+        if lane.limits.held_until(now) is not None:
+            # A task at its deadline gets its last look only from a provider that answers.
+            late = [task for task in tasks if now >= task.deadline_at]
+            if late:
+                writes.create_task(self._hand_back(late, now, report, held=True))
+                tasks = [task for task in tasks if now < task.deadline_at]
         held: list[list[Task]] = []
         for batch in _batches(lane.provider, tasks):
             # Once one batch must wait, the later ones wait behind it: due order is kept.
@@ -329,8 +331,7 @@ class Reconciler:
             if self._wait_in_memory and until <= horizon and lane.limits.held_until(now) is None:
                 group.create_task(self._poll_at(lane, batch, until, report))
             else:
-                report.deferred += len(batch)
-                writes.create_task(self.service.defer(batch, until))
+                writes.create_task(self._hand_back(batch, until, report, held=False))
 
     async def _poll_at(
         self, lane: _Lane, batch: list[Task], when: datetime, report: PassReport
@@ -364,15 +365,32 @@ class Reconciler:
                     when = give_up
                     continue
                 when = ready or after(now, 1 / limits.bucket.rate)
-                if when > give_up or limits.held_until(now) is not None:
-                    report.deferred += len(batch)
-                    await self.service.defer(batch, when)
+                held = limits.held_until(now) is not None
+                if when > give_up or held:
+                    await self._hand_back(batch, when, report, held=held)
                     return
         finally:
             self._slot_waiters.discard(wake)
         report.batches += 1
         report.dispatched += len(batch)
         await self._poll_batch(lane, batch, report)
+
+    async def _hand_back(
+        self, tasks: list[Task], until: datetime, report: PassReport, *, held: bool
+    ) -> None:
+        """Give leased tasks back to the database, due at `until`. When the provider is
+        `held` (Retry-After, breaker, pause, or nobody to ask), a task at its deadline gets
+        no last look: it expires now instead of waiting past its deadline."""
+        now = self.clock.now()
+        late = [task for task in tasks if held and now >= task.deadline_at]
+        waiting = [task for task in tasks if not (held and now >= task.deadline_at)]
+        report.expired += len(late)
+        report.deferred += len(waiting)
+        async with asyncio.TaskGroup() as writes:  # concurrent, so the store commits them as one
+            for task in late:
+                writes.create_task(self.service.expire(task))
+            if waiting:
+                writes.create_task(self.service.defer(waiting, until))
 
     def _wake_one(self, lane: _Lane) -> None:
         """An exchange ended: the first batch still waiting for room may try to start."""
@@ -418,10 +436,10 @@ class Reconciler:
             await self._settle(lane, tasks, verdict.results, report)
         elif verdict.error is not None:
             report.backed_off += len(tasks)
-            await self.service.poll_failed(tasks, verdict.error, verdict.delay)
+            written = await self.service.poll_failed(tasks, verdict.error, verdict.delay)
+            report.expired += sum(1 for task in written if task and task.status is Status.EXPIRED)
         elif verdict.held_until is not None:
-            report.deferred += len(tasks)
-            await self.service.defer(tasks, verdict.held_until)
+            await self._hand_back(tasks, verdict.held_until, report, held=True)
         else:
             report.abandoned += len(tasks)
 
@@ -553,7 +571,7 @@ class Reconciler:
 
     async def _settle_one(self, task: Task, result: PollResult, report: PassReport) -> None:
         try:
-            await self.service.settle_poll(task, result)
+            settled = await self.service.settle_poll(task, result)
         except StoreError:
             raise
         except Exception:
@@ -563,6 +581,8 @@ class Reconciler:
             await self.service.poll_failed([task], ServerError("applying the poll result failed"))
             return
         report.settled += 1
+        if settled is not None and settled.status is Status.EXPIRED:
+            report.expired += 1  # its last look, at the deadline, found it still running
 
     def _publish(self, lane: _Lane, now: datetime) -> None:
         """Mirror a provider's breaker and pause into health (/readyz) and metrics."""

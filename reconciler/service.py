@@ -328,32 +328,41 @@ class Service:
         def decide(current: Task | None) -> Change | None:
             if current is None or current.terminal:
                 return None
-            if schedule.past_deadline(current, now):
-                return self._planned(expire(current, now) or Change(current, None), None)
+            # The answer first, then the deadline: a poll at the deadline is the task's last
+            # look, and a video finished by then is kept rather than thrown away as expired.
             if result.observation is not None:
-                return self._observe(ref, current, result.observation, Source.POLL, now)
-            counted = current.replace(
-                polls=current.polls + 1,
-                version=current.version + 1,
-                poll_failures=current.poll_failures + 1,
-            )
-            if isinstance(result.error, NotFound):
-                if schedule.not_found_expired(current, now, timing):
-                    failed = fail(counted, now, NOT_FOUND_ERROR)
-                    return self._planned(failed or Change(counted, None), None)
-                next_at = schedule.after_not_found(counted, now, timing, self.rng)
-                return self._planned(Change(counted, None), next_at)
-            delay = result.error.delay if isinstance(result.error, TemporaryError) else None
-            next_at = schedule.after_error(current, now, timing, self.rng, delay)
-            return self._planned(Change(counted, None), next_at)
+                change = self._observe(ref, current, result.observation, Source.POLL, now)
+            else:
+                change = self._task_error(current, result.error, now, timing)
+            return _expired_at_deadline(current, change, now)
 
         applied = await self.store.apply([ref], decide)
         return applied.task
 
+    def _task_error(
+        self, current: Task, error: ProviderError | None, now: datetime, timing: Timing
+    ) -> Change:
+        """A poll whose answer concerned this task but carried no observation of it."""
+        counted = current.replace(
+            polls=current.polls + 1,
+            version=current.version + 1,
+            poll_failures=current.poll_failures + 1,
+        )
+        if isinstance(error, NotFound):
+            if schedule.not_found_expired(current, now, timing):
+                failed = fail(counted, now, NOT_FOUND_ERROR)
+                return self._planned(failed or Change(counted, None), None)
+            next_at = schedule.after_not_found(counted, now, timing, self.rng)
+            return self._planned(Change(counted, None), next_at)
+        delay = error.delay if isinstance(error, TemporaryError) else None
+        next_at = schedule.after_error(current, now, timing, self.rng, delay)
+        return self._planned(Change(counted, None), next_at)
+
     async def poll_failed(
         self, tasks: Sequence[Task], error: ProviderError, delay: float | None = None
-    ) -> None:
-        """A whole exchange failed: back each task off (by `delay` when the provider said)."""
+    ) -> list[Task | None]:
+        """A whole exchange failed: back each task off (by `delay` when the provider said).
+        Returns the tasks as written (None for those gone or already terminal)."""
         now = self.clock.now()
         word = _error_word(error)
         for task in tasks:
@@ -368,21 +377,27 @@ class Service:
                 failures = current.poll_failures + 1
                 counted = current.replace(poll_failures=failures, version=current.version + 1)
                 next_at = schedule.after_error(current, now, timing, self.rng, delay)
-                return self._planned(Change(counted, None), next_at)
+                # A failed last look is the end: planned at the deadline, it would be due
+                # again at once, and polled again, for as long as the provider fails.
+                planned = self._planned(Change(counted, None), next_at)
+                return _expired_at_deadline(current, planned, now)
 
             return decide
 
-        await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
+        applied = await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
+        return [result.task for result in applied]
 
     async def defer(self, tasks: Sequence[Task], until: datetime) -> None:
-        """Hand leased tasks back due at `until` (never past their deadline) without counting
+        """Hand leased tasks back due at `until` (see `schedule.handed_back`) without counting
         a failed poll: the loop held them for a provider's own limits (rate, Retry-After,
         breaker, pause), not because anything went wrong with them."""
+        now = self.clock.now()
 
         def hold(current: Task | None) -> Change | None:
             if current is None or current.terminal:
                 return None
-            return Change(current.replace(next_poll_at=min(until, current.deadline_at)), None)
+            due = schedule.handed_back(current, now, until)
+            return Change(current.replace(next_poll_at=due), None)
 
         await asyncio.gather(*(self.store.apply([t.ref], hold) for t in tasks))
 
@@ -483,6 +498,17 @@ class Service:
         overdue = (now - due).total_seconds() if due is not None else 0.0
         lag = max(self.health.lag_seconds, overdue, 0.0)
         return Overview(counts, settled, lag, await self.store.last_seq())
+
+
+def _expired_at_deadline(before: Task, change: Change | None, now: datetime) -> Change | None:
+    """`change`, unless it leaves the task running at or past its deadline: then the task
+    expires, with what the change learnt kept (provider status, progress)."""
+    if change is None or change.task.terminal or not schedule.past_deadline(change.task, now):
+        return change
+    expired = expire(change.task, now)
+    assert expired is not None
+    # One event for the pair: the expiry, from the status the task had before this change.
+    return Service._planned(Change(expired.task, expired.event, before.status), None)
 
 
 def _maybe(

@@ -419,6 +419,90 @@ async def test_a_task_past_its_deadline_expires(
         assert task.completed_at == task.deadline_at
 
 
+async def test_a_task_at_its_deadline_gets_a_last_poll(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """The poll planned at the deadline is a last look: a video finished by then is kept."""
+    sim.faults = Faults(drop=1.0)
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=FIRST_POLL_AFTER + 5)
+        await h.service.register("kie", created.task_id, "jobs", deadline_seconds=70)
+        deadline = clock.now() + timedelta(seconds=70)
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("kie", created.task_id)
+        assert task.status is Status.COMPLETED and task.source is Source.POLL
+        assert [r.at for r in requests_of(sim, "kie")][-1] == deadline
+        assert sum(r.expired for r in reports) == 0
+
+
+async def test_a_failed_last_poll_expires_the_task(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    sim.faults = Faults(providers={"kie": Faults(server_error=1.0)})
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=10_000)
+        await h.service.register("kie", created.task_id, "jobs", deadline_seconds=70)
+        start = clock.now()
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("kie", created.task_id)
+        assert task.status is Status.EXPIRED and sum(r.expired for r in reports) == 1
+        # The first poll, then one last look at the deadline: never polled again after it.
+        sent = [(r.at - start).total_seconds() for r in requests_of(sim, "kie")]
+        assert sent == [FIRST_POLL_AFTER, 70]
+
+
+async def test_a_task_at_its_deadline_expires_unpolled_while_its_provider_is_held(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim, env={"ACEDATA_API_TOKEN": "wrong-token"}) as h:
+        created = sim.create_task("acedata", finish_after=10_000)
+        await h.service.register("acedata", created.task_id, "text2video", deadline_seconds=70)
+        start = clock.now()
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("acedata", created.task_id)
+        assert task.status is Status.EXPIRED and sum(r.expired for r in reports) == 1
+        assert task.completed_at == start + timedelta(seconds=70)
+        # Paused by the 401 of its first poll, the provider got no last look to answer.
+        assert [(r.at - start).total_seconds() for r in requests_of(sim, "acedata")] == [60]
+
+
+async def test_success_without_url_is_polled_again_within_the_backoff_cap(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """Seen on Kling with a 9-s deadline and a 2-s cap: the poll after a success without a
+    URL was planned at the deadline, and the task expired though the URL had come."""
+    env = {
+        "KLING_DEADLINE": "9",
+        "KLING_POLL_INTERVAL_MAX": "2",
+        "KLING_FIRST_POLL_AFTER": "1",
+    }
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        created = sim.create_task("kling", finish_after=1)
+        url, created.video_url = created.video_url, None  # succeed, with no URL yet
+        ref = await register(h, "kling", created.task_id, "text2video")
+        start = clock.now()
+
+        await drive(h, 1)
+        task = await h.task(*ref)
+        assert task.status is Status.PROCESSING and task.provider_status == "succeed"
+        assert task.next_poll_at is not None
+        assert task.next_poll_at <= start + timedelta(seconds=1 + 2)
+
+        created.video_url = url  # the provider has it from +3 s
+        await drive(h, 20, all_terminal(h, [ref]))
+
+        task = await h.task(*ref)
+        assert task.status is Status.COMPLETED and task.videos[0].url == url
+        assert task.completed_at is not None
+        assert task.completed_at <= start + timedelta(seconds=3)
+
+
 async def test_a_task_never_found_fails(tmp_path: Path, clock: FakeClock, sim: Simulator) -> None:
     env = {"RECONCILER_NOT_FOUND_GRACE": "300"}
     async with harness(tmp_path, clock, sim, env=env) as h:
