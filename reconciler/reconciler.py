@@ -40,7 +40,14 @@ from reconciler.errors import (
     TemporaryError,
     Timeout,
 )
-from reconciler.limits import PAUSE_SECONDS, BreakerState, Outcome, ProviderLimits, after
+from reconciler.limits import (
+    PAUSE_SECONDS,
+    BreakerState,
+    Outcome,
+    Permit,
+    ProviderLimits,
+    after,
+)
 from reconciler.model import Status, Task, iso
 from reconciler.providers import PollFlow, PollResult, Provider
 from reconciler.service import Service
@@ -312,10 +319,11 @@ class Reconciler:
         held: list[list[Task]] = []
         for batch in _batches(lane.provider, tasks):
             # Once one batch must wait, the later ones wait behind it: due order is kept.
-            if not held and lane.limits.start(now):
+            permit = None if held else lane.limits.start(now)
+            if permit is not None:
                 report.batches += 1
                 report.dispatched += len(batch)
-                group.create_task(self._poll_batch(lane, batch, report))
+                group.create_task(self._poll_batch(lane, permit, batch, report))
             else:
                 held.append(batch)
         self._publish(lane, now)
@@ -334,9 +342,9 @@ class Reconciler:
                 writes.create_task(self._hand_back(batch, until, report, held=False))
 
     async def _poll_at(
-        self, lane: _Lane, batch: list[Task], when: datetime, report: PassReport
+        self, lane: _Lane, batch: list[Task], slot: datetime, report: PassReport
     ) -> None:
-        """Start `batch` at its slot `when` (or as soon after as the provider allows, within
+        """Start `batch` at its `slot` (or as soon after as the provider allows, within
         the horizon); hand it back if the provider is held meanwhile. On shutdown the batch
         stays leased and is retried when the lease ends."""
         limits = lane.limits
@@ -346,6 +354,7 @@ class Reconciler:
         # `stop()` sets every one of them.
         wake = asyncio.Event()
         self._slot_waiters.add(wake)
+        when: datetime | None = slot
         try:
             while True:
                 await self.clock.sleep_until(when, wake)
@@ -354,26 +363,30 @@ class Reconciler:
                     return
                 wake.clear()
                 now = self.clock.now()
-                if limits.start(now):
+                permit = limits.start(now)
+                if permit is not None:
                     break
                 ready = limits.ready_at(now)
-                if ready is None and now < give_up:
-                    # Only the concurrency limit is in the way: wait for an exchange to end
-                    # rather than asking again on a timer (thousands of batches asking
-                    # every 1/rate seconds took a sixth of the loop's CPU).
+                if ready is None and (now < give_up or limits.probing):
+                    # Only the concurrency limit or a probe in flight is in the way: wait for
+                    # an exchange to end rather than asking again on a timer (thousands of
+                    # batches asking every 1/rate seconds took a sixth of the loop's CPU).
+                    # A probe's verdict is waited for past the horizon: these batches are
+                    # the ones it held, and they go as soon as it says the provider is back.
                     lane.room_waiters.append(wake)
-                    when = give_up
+                    when = None if limits.probing else give_up
                     continue
-                when = ready or after(now, 1 / limits.bucket.rate)
+                retry = ready or after(now, 1 / limits.bucket.rate)
                 held = limits.held_until(now) is not None
-                if when > give_up or held:
-                    await self._hand_back(batch, when, report, held=held)
+                if retry > give_up or held:
+                    await self._hand_back(batch, retry, report, held=held)
                     return
+                when = retry
         finally:
             self._slot_waiters.discard(wake)
         report.batches += 1
         report.dispatched += len(batch)
-        await self._poll_batch(lane, batch, report)
+        await self._poll_batch(lane, permit, batch, report)
 
     async def _hand_back(
         self, tasks: list[Task], until: datetime, report: PassReport, *, held: bool
@@ -392,13 +405,16 @@ class Reconciler:
             if waiting:
                 writes.create_task(self.service.defer(waiting, until))
 
-    def _wake_one(self, lane: _Lane) -> None:
-        """An exchange ended: the first batch still waiting for room may try to start."""
+    def _wake(self, lane: _Lane, *, everyone: bool) -> None:
+        """An exchange ended: the first batch still waiting for room may try to start, or
+        after a probe's verdict every waiting batch (those it held go at once, at the rate;
+        if it failed they find the provider held and are handed back)."""
         while lane.room_waiters:
             wake = lane.room_waiters.popleft()
             if wake in self._slot_waiters and not wake.is_set():
                 wake.set()
-                return
+                if not everyone:
+                    return
 
     # --- one batch ---------------------------------------------------------------------
 
@@ -412,26 +428,30 @@ class Reconciler:
             return
         limits = lane.limits
         give_up = after(self.clock.now(), lane.provider.settings.request_timeout)
-        while not limits.start(self.clock.now(), need_room=False):
+        while (permit := limits.start(self.clock.now(), need_room=False)) is None:
             now = self.clock.now()
             ready = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
             if self._stop.is_set() or ready > give_up or limits.held_until(now) is not None:
                 logger.info("%s: not polled now, the provider is held", task.ref)
                 return
             await self.clock.sleep_until(ready, self._stop)
-        await self._poll_batch(lane, [task], PassReport())
+        await self._poll_batch(lane, permit, [task], PassReport())
 
-    async def _poll_batch(self, lane: _Lane, tasks: list[Task], report: PassReport) -> None:
+    async def _poll_batch(
+        self, lane: _Lane, permit: Permit, tasks: list[Task], report: PassReport
+    ) -> None:
         """One batch exchange (already `start`ed), then its results through the service."""
         try:
-            await self._poll_and_settle(lane, tasks, report)
+            await self._poll_and_settle(lane, permit, tasks, report)
         finally:
             # The tasks' next polls may now be earlier than the time `run()` sleeps until
             # (a backoff shorter than the lease): let it look again.
             self.service.wakeup.set()
 
-    async def _poll_and_settle(self, lane: _Lane, tasks: list[Task], report: PassReport) -> None:
-        verdict = await self._exchange_batch(lane, tasks, report)
+    async def _poll_and_settle(
+        self, lane: _Lane, permit: Permit, tasks: list[Task], report: PassReport
+    ) -> None:
+        verdict = await self._exchange_batch(lane, permit, tasks, report)
         if verdict.results is not None:
             await self._settle(lane, tasks, verdict.results, report)
         elif verdict.error is not None:
@@ -443,7 +463,9 @@ class Reconciler:
         else:
             report.abandoned += len(tasks)
 
-    async def _exchange_batch(self, lane: _Lane, tasks: list[Task], report: PassReport) -> _Verdict:
+    async def _exchange_batch(
+        self, lane: _Lane, permit: Permit, tasks: list[Task], report: PassReport
+    ) -> _Verdict:
         """Run the adapter's flow and classify how it ended; `limits.finish` is always
         called, also when cancelled, so that no probe or concurrency slot leaks."""
         name = lane.provider.name
@@ -477,9 +499,9 @@ class Reconciler:
             pass
         finally:
             now = self.clock.now()
-            until = lane.limits.finish(now, outcome, retry_after=retry_after, reason=reason)
+            until = lane.limits.finish(now, permit, outcome, retry_after=retry_after, reason=reason)
             self._publish(lane, now)
-            self._wake_one(lane)
+            self._wake(lane, everyone=permit.probe)
         if until is not None:
             # The tasks of the exchange that hit the limit wait exactly as long as the
             # provider does; the schedule's backoff would be a guess.

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
 from reconciler.feed import Commit, Feed
-from reconciler.limits import BreakerState
+from reconciler.limits import BREAKER_COOLDOWN_SECONDS, BREAKER_THRESHOLD, BreakerState
 from reconciler.model import Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PROVIDERS, PollResult
 from reconciler.reconciler import PassReport, Reconciler
@@ -376,6 +376,39 @@ async def test_a_failing_provider_opens_its_breaker_without_delaying_others(
             assert task.status is Status.COMPLETED and task.polls == 1
 
 
+@pytest.mark.parametrize("provider", ["gateway", "kie"])
+async def test_a_breaker_holds_its_provider_for_its_cool_down_only(
+    tmp_path: Path, clock: FakeClock, sim: Simulator, provider: str
+) -> None:
+    """Seen: after 8 s of HTTP 500 from the gateway (3 s from Kie) its tasks waited 60 s,
+    twice the documented first cool-down. The breaker opens on the fifth failure; its probe
+    goes when the cool-down ends, and the tasks it held follow at once, at the rate."""
+    sim.faults = Faults(drop=1.0, providers={provider: Faults(server_error=1.0)})
+    env = {"RECONCILER_REQUEST_TIMEOUT": "30"}  # the default: what a probe may take
+    action = "jobs" if provider == "kie" else "text2video"
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        refs = []
+        for _ in range(20):
+            created = sim.create_task(provider, action=action, finish_after=30)
+            refs.append(await register(h, provider, created.task_id, action))
+        clock.advance(FIRST_POLL_AFTER)
+
+        await drive(h, 8)  # the burst of 500s
+        sim.faults = Faults(drop=1.0)
+        await drive(h, 600, all_terminal(h, refs))
+
+        sent = requests_of(sim, provider)
+        failed = [r for r in sent if r.status == 500]
+        assert len(failed) == BREAKER_THRESHOLD  # then it opened: nothing more was sent
+        opened = failed[-1].at
+        recovered = sent[len(failed) :]
+        assert recovered[0].at == opened + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)
+        # Every task it held was polled right after the probe, paced at the rate (20/s).
+        assert len(recovered) == len(refs)
+        assert recovered[-1].at - recovered[0].at <= timedelta(seconds=len(refs) / 20)
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
+
+
 async def test_rejected_credentials_pause_the_provider_and_show_on_health(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
@@ -645,6 +678,49 @@ class WatchedClock(FakeClock):
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
         self.waiting.set()
         await super().sleep_until(when, wake)
+
+
+async def test_run_starts_the_batches_a_probe_held_as_soon_as_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    """Under `run()`, the batches due with the probe wait in memory for its verdict (not for
+    its timeout), then go one token apart."""
+    clock = WatchedClock()
+    env = {"KIE_RATE_LIMIT": "10", "RECONCILER_REQUEST_TIMEOUT": "30"}
+    async with (
+        Simulator(clock=clock, seed=3).serve() as sim,
+        harness(tmp_path, clock, sim, env=env) as h,
+    ):
+        sim.faults = Faults(drop=1.0, providers={"kie": Faults(server_error=1.0)})
+        refs = []
+        for _ in range(BREAKER_THRESHOLD + 5):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        running = asyncio.create_task(h.loop.run())
+
+        async def step(seconds: float) -> None:
+            clock.waiting.clear()
+            clock.advance(seconds)
+            await clock.waiting.wait()
+
+        try:
+            async with asyncio.timeout(20):
+                await step(FIRST_POLL_AFTER)
+                while h.loop.limits["kie"].breaker.state is BreakerState.CLOSED:
+                    await step(0.1)
+                opened = clock.now()
+                sim.faults = Faults(drop=1.0)
+                await step(BREAKER_COOLDOWN_SECONDS)  # the probe and the rest are due
+                while not all(task.terminal for task in await h.tasks(refs)):
+                    await step(0.1)
+            recovered = [r for r in requests_of(sim, "kie") if r.status == 200]
+            assert len(recovered) == len(refs)
+            last = opened + timedelta(seconds=BREAKER_COOLDOWN_SECONDS + 1.5)
+            assert all(r.at <= last for r in recovered)
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
 
 
 async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None:
