@@ -15,8 +15,11 @@ schedule (`service`/`schedule`), and HTTP.
   the cool-down ends, where one probe decides: success closes it, failure reopens it with
   a doubled cool-down.
 - `ProviderLimits`: one provider's bucket, concurrency, Retry-After block, breaker and auth
-  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, outcome)` around each
-  batch exchange.
+  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, permit, outcome)`
+  around each batch exchange. A pause is probed once a minute.
+
+Holds live here, in memory, and nowhere else: not in the tasks' schedules. A restart starts
+every provider fresh, and its first exchange is the probe.
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ from reconciler.config import ProviderSettings
 # A 429 without Retry-After blocks the provider this long, doubling while they keep coming.
 RATE_LIMIT_BACKOFF_SECONDS = 1.0
 RATE_LIMIT_BACKOFF_MAX_SECONDS = 60.0
-# Rejected credentials are rarely fixed within seconds: probe again every few minutes.
-PAUSE_SECONDS = 300.0
+# Rejected credentials: one probe a minute notices access that came back (a fixed key, a
+# topped-up balance) soon, and costs the provider one request a minute meanwhile.
+PAUSE_SECONDS = 60.0
+# Holds (Retry-After, an open breaker, a pause) are the provider's state, in memory here:
+# the tasks they meet are handed back due when the hold ends, but never further ahead than
+# this, so a restart (which forgets every hold) finds no task planned behind one for longer.
+RECHECK_SECONDS = 60.0
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN_SECONDS = 30.0
 BREAKER_COOLDOWN_MAX_SECONDS = 600.0
@@ -255,12 +263,17 @@ class ProviderLimits:
     def has_room(self) -> bool:
         return self.in_flight < self.concurrency
 
+    def resume_at(self, now: datetime) -> datetime:
+        """When to try this provider again: the end of its hold, at most `RECHECK_SECONDS`
+        away (a longer hold is looked at again then, and found still standing)."""
+        held = self.held_until(now)
+        return now if held is None else min(held, after(now, RECHECK_SECONDS))
+
     def slot_at(self, now: datetime, position: int) -> datetime:
         """When the batch `position` places back in this provider's queue (0: next) may
-        start, pacing the queue at `rate` from the moment the provider is free again. With a
-        probe out, that is taken to be now: the probe usually answers within the second."""
-        start = self.held_until(now) or now
-        return self.bucket.ready_at(start, position + 1)
+        start, pacing the queue at `rate` from `resume_at`. With a probe out, that is taken
+        to be now: the probe usually answers within the second."""
+        return self.bucket.ready_at(self.resume_at(now), position + 1)
 
     # --- one batch exchange --------------------------------------------------------------
 

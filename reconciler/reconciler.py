@@ -41,7 +41,6 @@ from reconciler.errors import (
     Timeout,
 )
 from reconciler.limits import (
-    PAUSE_SECONDS,
     BreakerState,
     Outcome,
     Permit,
@@ -291,19 +290,16 @@ class Reconciler:
         """Start the batches the provider can take now in `group`; hand the rest back in
         `writes`, due at the provider's projected slots."""
         lane = self._lanes.get(name)
-        if lane is None:  # a provider dropped from the code but still in the database
-            logger.warning("no adapter for provider %r: %d task(s) held", name, len(tasks))
-            until = after(now, PAUSE_SECONDS)
-            writes.create_task(self._hand_back(tasks, until, report, held=True))
-            return
-        if not lane.provider.settings.configured:
-            # No base URL or credentials: nothing to ask. The tasks (created by callbacks to
-            # a provider this deployment does not poll) still settle by webhook, or expire
-            # at their deadline; this is not a rejected credential, so /readyz stays green.
+        if lane is None or not lane.provider.settings.configured:
+            # No adapter (a provider dropped from the code but still in the database), or
+            # no base URL or credentials: nothing to ask. The tasks (created by callbacks
+            # to a provider this deployment does not poll) still settle by webhook, or
+            # expire at their deadline; this is not a rejected credential, so /readyz
+            # stays green.
             logger.warning(
-                "%s is not configured for polling: %d task(s) left to webhooks until their "
-                "deadline",
+                "%s is not polled here (%s): %d task(s) left to webhooks until their deadline",
                 name,
+                "no adapter" if lane is None else "not configured",
                 len(tasks),
             )
             for task in tasks:
@@ -376,10 +372,12 @@ class Reconciler:
                     lane.room_waiters.append(wake)
                     when = None if limits.probing else give_up
                     continue
+                if limits.held_until(now) is not None:
+                    await self._hand_back(batch, limits.slot_at(now, 0), report, held=True)
+                    return
                 retry = ready or after(now, 1 / limits.bucket.rate)
-                held = limits.held_until(now) is not None
-                if retry > give_up or held:
-                    await self._hand_back(batch, retry, report, held=held)
+                if retry > give_up:
+                    await self._hand_back(batch, retry, report, held=False)
                     return
                 when = retry
         finally:
@@ -389,11 +387,18 @@ class Reconciler:
         await self._poll_batch(lane, permit, batch, report)
 
     async def _hand_back(
-        self, tasks: list[Task], until: datetime, report: PassReport, *, held: bool
+        self,
+        tasks: list[Task],
+        until: datetime,
+        report: PassReport,
+        *,
+        held: bool,
+        met: ProviderError | None = None,
     ) -> None:
         """Give leased tasks back to the database, due at `until`. When the provider is
         `held` (Retry-After, breaker, pause, or nobody to ask), a task at its deadline gets
-        no last look: it expires now instead of waiting past its deadline."""
+        no last look: it expires now instead of waiting past its deadline. `met`: the
+        provider-wide answer (429, 401) their own exchange got, counted as their outcome."""
         now = self.clock.now()
         late = [task for task in tasks if held and now >= task.deadline_at]
         waiting = [task for task in tasks if not (held and now >= task.deadline_at)]
@@ -403,7 +408,7 @@ class Reconciler:
             for task in late:
                 writes.create_task(self.service.expire(task))
             if waiting:
-                writes.create_task(self.service.defer(waiting, until))
+                writes.create_task(self.service.defer(waiting, until, met=met))
 
     def _wake(self, lane: _Lane, *, everyone: bool) -> None:
         """An exchange ended: the first batch still waiting for room may try to start, or
@@ -454,12 +459,15 @@ class Reconciler:
         verdict = await self._exchange_batch(lane, permit, tasks, report)
         if verdict.results is not None:
             await self._settle(lane, tasks, verdict.results, report)
+        elif verdict.held_until is not None:
+            # A 429 or 401 holds the provider, not these tasks: they are counted with that
+            # outcome and handed back, with no failure of their own to back off from.
+            until = verdict.held_until
+            await self._hand_back(tasks, until, report, held=True, met=verdict.error)
         elif verdict.error is not None:
             report.backed_off += len(tasks)
             written = await self.service.poll_failed(tasks, verdict.error, verdict.delay)
             report.expired += sum(1 for task in written if task and task.status is Status.EXPIRED)
-        elif verdict.held_until is not None:
-            await self._hand_back(tasks, verdict.held_until, report, held=True)
         else:
             report.abandoned += len(tasks)
 
@@ -493,8 +501,8 @@ class Reconciler:
             logger.warning("%s: a poll of %d task(s) failed: %s", name, len(tasks), error)
             delay = error.delay if isinstance(error, TemporaryError) else None
             verdict = _Verdict(error=error, delay=delay)
-        except _Held as held:
-            verdict = _Verdict(held_until=held.until)
+        except _Held:
+            verdict = _Verdict(held_until=lane.limits.resume_at(self.clock.now()))
         except _Abandoned:
             pass
         finally:
@@ -503,14 +511,13 @@ class Reconciler:
             self._publish(lane, now)
             self._wake(lane, everyone=permit.probe)
         if until is not None:
-            # The tasks of the exchange that hit the limit wait exactly as long as the
-            # provider does; the schedule's backoff would be a guess.
-            verdict.delay = (until - now).total_seconds()
+            # The tasks of the exchange that met the hold come back with the provider.
+            verdict = _Verdict(error=verdict.error, held_until=lane.limits.resume_at(now))
             if outcome is Outcome.RATE_LIMITED:
                 logger.warning("%s: rate limited, holding requests until %s", name, iso(until))
             else:
                 logger.error(
-                    "%s: credentials rejected, paused until %s: %s", name, iso(until), reason
+                    "%s: credentials rejected, next probe at %s: %s", name, iso(until), reason
                 )
         return verdict
 

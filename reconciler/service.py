@@ -387,11 +387,18 @@ class Service:
         applied = await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
         return [result.task for result in applied]
 
-    async def defer(self, tasks: Sequence[Task], until: datetime) -> None:
+    async def defer(
+        self, tasks: Sequence[Task], until: datetime, *, met: ProviderError | None = None
+    ) -> None:
         """Hand leased tasks back due at `until` (see `schedule.handed_back`) without counting
         a failed poll: the loop held them for a provider's own limits (rate, Retry-After,
-        breaker, pause), not because anything went wrong with them."""
+        breaker, pause), not because anything went wrong with them. `met`: the provider-wide
+        answer their exchange got (429, 401), counted as their poll's outcome."""
         now = self.clock.now()
+        if met is not None:
+            word = _error_word(met)
+            for task in tasks:
+                self.metrics.polls.labels(task.provider, word).inc()
 
         def hold(current: Task | None) -> Change | None:
             if current is None or current.terminal:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from reconciler.limits import (
+    RECHECK_SECONDS,
     Breaker,
     BreakerState,
     Outcome,
@@ -269,3 +270,15 @@ def test_take_turn_waits_for_tokens_within_an_exchange() -> None:
     assert lim.start(at(0)) is not None
     assert lim.take_turn(at(0)) == at(0.25)
     assert lim.take_turn(at(0.25)) is None
+
+
+def test_a_long_hold_is_looked_at_again_within_a_minute() -> None:
+    """A hold lives in memory: the tasks it meets come back within `RECHECK_SECONDS`, so a
+    restart that forgot it finds none planned behind it for longer."""
+    lim = limits()
+    lim.finish(at(0), started(lim, at(0)), Outcome.RATE_LIMITED, retry_after=3600)
+    assert lim.held_until(at(1)) == at(3600)
+    assert lim.resume_at(at(1)) == at(1 + RECHECK_SECONDS)
+    assert lim.slot_at(at(1), 1) == at(1 + RECHECK_SECONDS + 0.5)
+    assert lim.resume_at(at(3590)) == at(3600)
+    assert lim.resume_at(at(3600)) == at(3600)  # not held: now

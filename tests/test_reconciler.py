@@ -30,12 +30,19 @@ from starlette.routing import Route
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
 from reconciler.feed import Commit, Feed
-from reconciler.limits import BREAKER_COOLDOWN_SECONDS, BREAKER_THRESHOLD, BreakerState
+from reconciler.limits import (
+    BREAKER_COOLDOWN_SECONDS,
+    BREAKER_THRESHOLD,
+    PAUSE_SECONDS,
+    RECHECK_SECONDS,
+    BreakerState,
+)
 from reconciler.model import Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PROVIDERS, PollResult
 from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
+from reconciler.simulator import auth as sim_auth
 from reconciler.store.sqlite import SQLiteStore
 from tests.conftest import StartService
 
@@ -427,11 +434,71 @@ async def test_rejected_credentials_pause_the_provider_and_show_on_health(
         assert any("credentials rejected" in why for why in await h.service.readiness())
         assert (await h.task(*kie_ref)).status is Status.COMPLETED
         task = await h.task(*ref)
-        assert not task.terminal
-        assert task.next_poll_at == h.loop.limits["acedata"].paused_until
+        assert not task.terminal and task.poll_failures == 0  # the provider's failing, not its
+        paused_at = clock.now()
+        assert task.next_poll_at == paused_at + timedelta(seconds=PAUSE_SECONDS)
 
-        await drive(h, 200)  # paused: nothing more is sent to it
-        assert len(requests_of(sim, "acedata")) == 1
+        await drive(h, 200)  # paused: one probe a minute, nothing else
+        sent = [r.at - paused_at for r in requests_of(sim, "acedata")]
+        assert sent == [timedelta(seconds=s) for s in (0, 60, 120, 180)]
+
+
+async def test_a_pause_probe_notices_access_that_came_back(
+    tmp_path: Path, clock: FakeClock, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused, the provider gets one probe a minute for however many tasks are due; the
+    first probe after the key works again ends the pause, and the tasks follow it."""
+    sim.faults = Faults(drop=1.0)
+    async with harness(tmp_path, clock, sim, env={"KIE_API_KEY": "rotated-key"}) as h:
+        refs = []
+        for _ in range(5):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(FIRST_POLL_AFTER)
+        paused_at = clock.now()
+        await drive(h, 100)  # the first poll, then probes at +60 and +120 s: all 401
+        assert "kie" in h.service.health.paused
+
+        monkeypatch.setitem(sim_auth.BEARER_KEYS, "kie", "rotated-key")  # fixed there
+        await drive(h, 600, all_terminal(h, refs))
+
+        sent = requests_of(sim, "kie")
+        assert [r.at - paused_at for r in sent if r.status == 401] == [
+            timedelta(seconds=s) for s in (0, 60)
+        ]
+        answered = [r for r in sent if r.status == 200]
+        assert answered[0].at == paused_at + timedelta(seconds=120)  # the next probe
+        assert len(answered) == len(refs)
+        assert answered[-1].at - answered[0].at <= timedelta(seconds=1)
+        assert "kie" not in h.service.health.paused
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
+
+
+async def test_a_restart_forgets_a_credentials_pause(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """An operator fixes the key and restarts: the pause was the old process's, so the tasks
+    are polled when next due (at most a minute later), not after the old pause."""
+    sim.faults = Faults(drop=1.0)
+    refs: list[tuple[str, str]] = []
+    async with harness(tmp_path, clock, sim, env={"KIE_API_KEY": "wrong-key"}) as h:
+        for _ in range(3):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(FIRST_POLL_AFTER)
+        await drive(h, 30)
+        assert "kie" in h.service.health.paused
+        restarted_at = clock.now()
+        latest = max(task.next_poll_at or restarted_at for task in await h.tasks(refs))
+        assert latest <= restarted_at + timedelta(seconds=RECHECK_SECONDS)
+
+    async with harness(tmp_path, clock, sim) as h:  # the right key
+        assert h.service.health.paused == {}
+        await drive(h, 600, all_terminal(h, refs))
+        answered = [r for r in requests_of(sim, "kie") if r.status == 200]
+        assert len(answered) == len(refs)
+        assert all(r.at <= restarted_at + timedelta(seconds=RECHECK_SECONDS) for r in answered)
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
 
 
 # --- giving up ---------------------------------------------------------------------------
