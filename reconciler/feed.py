@@ -28,9 +28,14 @@ class Commit:
 
 
 class Alarm:
-    """The reconciler loop's wake-up. Anyone may say "a poll is due at `when`"; it rings
-    when that is before the loop's next look at the schedule (`next_look`, which the loop
-    sets: None while it is about to read the schedule, so that any new time rings)."""
+    """The reconciler loop's wake-up, rung by commits. A commit that planned a poll at
+    `when` (its `earliest_due`) rings it when that is before the loop's next look at the
+    schedule, so a registration, a webhook or "poll now" never waits for a pass that was
+    not coming, and one that plans a later poll costs the loop nothing.
+
+    The loop keeps `next_look` current (`reset` at the start of a pass, `next_look` set
+    while it reads the schedule and sleeps): the start of its pass while it passes, None
+    while it reads the schedule (then any poll rings), and the time it sleeps until."""
 
     def __init__(self) -> None:
         self.rung = asyncio.Event()
@@ -42,6 +47,12 @@ class Alarm:
 
     def ring(self) -> None:
         self.rung.set()
+
+    def reset(self, next_look: datetime | None) -> None:
+        """A pass starts at `next_look`: it sees every poll due by then, so earlier rings
+        are spent; during it, only a poll planned before its start rings."""
+        self.rung.clear()
+        self.next_look = next_look
 
 
 class Feed:

@@ -3,9 +3,11 @@ due tasks in bounded chunks, batch them per provider, send the adapters' request
 each provider's limits, and hand every answer to the service.
 
 This module owns provider I/O: the HTTP clients, the per-provider limits (`limits.py`), the
-timeouts, and the request metrics. It does not own timing rules (`schedule.py`, applied
-by the service), what an answer means (the adapters) or storage (reached only through
-`Service`: `lease_due`, `settle_poll`, `poll_failed`, `defer`, `expire`, `next_due_at`).
+timeouts, and the request metrics; and its own health (`Health`, read by the service as a
+`LoopHealth`). It does not own timing rules (`schedule.py`, applied by the service), what
+an answer means (the adapters) or storage (reached only through `Service`: `lease_due`,
+`settle_poll`, `poll_failed`, `defer`, `expire`, `next_due_at`). It wakes on the feed's
+`Alarm`, which commits ring, so nothing calls into it but `run`, `run_once` and `stop`.
 
 The database is the queue. A pass leases at most `chunk` due tasks; a task's lease pushes
 its `next_poll_at` forward, so a poll abandoned by a crash or a shutdown is simply retried
@@ -40,6 +42,7 @@ from reconciler.errors import (
     TemporaryError,
     Timeout,
 )
+from reconciler.feed import Alarm
 from reconciler.limits import (
     BreakerState,
     Outcome,
@@ -47,6 +50,7 @@ from reconciler.limits import (
     ProviderLimits,
     after,
 )
+from reconciler.metrics import Metrics
 from reconciler.model import Status, Task, iso
 from reconciler.providers import PollFlow, PollResult, Provider
 from reconciler.service import Service
@@ -79,6 +83,17 @@ class PassReport:
     @property
     def provider_requests(self) -> int:
         return sum(self.requests.values())
+
+
+@dataclass
+class Health:
+    """The loop's own account of itself: written here only, read by the service as its
+    `LoopHealth` (`/readyz`, `/metrics`, `/stats`)."""
+
+    loop_running: bool = False
+    paused: dict[str, str] = field(default_factory=dict)  # provider -> why
+    breakers_open: set[str] = field(default_factory=set)
+    lag_seconds: float = 0.0  # how late the oldest task of the last pass was
 
 
 class _Held(Exception):
@@ -119,6 +134,9 @@ class Reconciler:
         providers: Mapping[str, Provider],
         clock: Clock,
         *,
+        alarm: Alarm | None = None,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         chunk: int = 500,
         lease_seconds: float = 120.0,
@@ -128,6 +146,9 @@ class Reconciler:
         self.service = service
         self.providers = providers
         self.clock = clock
+        self.alarm = alarm or Alarm()
+        self.metrics = metrics or Metrics()
+        self.health = health or Health()
         self.chunk = chunk
         self.lease_seconds = lease_seconds
         self._transport = transport
@@ -199,7 +220,7 @@ class Reconciler:
         """Ask `run()` to return: no new polls start, waits for a turn are abandoned, and
         polls already talking to their provider finish (bounded by its request timeout)."""
         self._stop.set()
-        self.service.wakeup.set()
+        self.alarm.ring()
         for wake in self._slot_waiters:
             wake.set()
 
@@ -213,32 +234,30 @@ class Reconciler:
         process, through the runtime); a provider's failures never do.
         """
         self._check_open()
-        health = self.service.health
-        health.loop_running = True
+        alarm = self.alarm
+        self.health.loop_running = True
         self._wait_in_memory = True
         try:
             async with asyncio.TaskGroup() as group:
-                service = self.service
                 while not self._stop.is_set():
-                    # Cleared before the pass: a registration during it wakes the next sleep.
-                    # During the pass only polls due by its start could be missed (none are
-                    # planned in the past); before reading the next due time, anything may.
-                    service.wakeup.clear()
-                    service.loop_wakes_at = self.clock.now()
+                    # The pass sees every poll due by its start, so earlier rings are spent;
+                    # during it only polls planned before its start could be missed (none
+                    # are planned in the past); while the next due time is read, any may.
+                    alarm.reset(self.clock.now())
                     report = PassReport()
                     await self._pass(group, report)
-                    service.loop_wakes_at = None
-                    report.next_due_at = await service.next_due_at()
-                    service.loop_wakes_at = report.next_due_at or _NEVER
+                    alarm.next_look = None
+                    report.next_due_at = await self.service.next_due_at()
+                    alarm.next_look = report.next_due_at or _NEVER
                     if self._stop.is_set():
                         break
-                    await self.clock.sleep_until(report.next_due_at, service.wakeup)
+                    await self.clock.sleep_until(report.next_due_at, alarm.rung)
         except ExceptionGroup as failures:
             raise _first(failures) from None
         finally:
-            health.loop_running = False
+            self.health.loop_running = False
             self._wait_in_memory = False
-            self.service.loop_wakes_at = None
+            alarm.next_look = None
 
     async def run_once(self) -> PassReport:
         """One pass, awaited to the end: lease the due tasks chunk by chunk (each chunk's
@@ -274,9 +293,7 @@ class Reconciler:
 
     def _record_lag(self, now: datetime, leased: Sequence[Task]) -> None:
         due = [task.next_poll_at for task in leased if task.next_poll_at is not None]
-        lag = max(0.0, (now - min(due)).total_seconds()) if due else 0.0
-        self.service.health.lag_seconds = lag
-        self.service.metrics.lag.set(lag)
+        self.health.lag_seconds = max(0.0, (now - min(due)).total_seconds()) if due else 0.0
 
     def _dispatch(
         self,
@@ -423,39 +440,11 @@ class Reconciler:
 
     # --- one batch ---------------------------------------------------------------------
 
-    async def poll_task(self, task: Task) -> None:
-        """Poll one task now (`POST /tasks/…/poll`), within its provider's limits: it waits
-        for a token (by the clock) up to the request timeout, but not through a Retry-After,
-        an open breaker or a pause; then the task is left to its schedule."""
-        self._check_open()
-        lane = self._lanes.get(task.provider)
-        if lane is None or task.terminal:
-            return
-        limits = lane.limits
-        give_up = after(self.clock.now(), lane.provider.settings.request_timeout)
-        while (permit := limits.start(self.clock.now(), need_room=False)) is None:
-            now = self.clock.now()
-            ready = limits.ready_at(now) or after(now, 1 / limits.bucket.rate)
-            if self._stop.is_set() or ready > give_up or limits.held_until(now) is not None:
-                logger.info("%s: not polled now, the provider is held", task.ref)
-                return
-            await self.clock.sleep_until(ready, self._stop)
-        await self._poll_batch(lane, permit, [task], PassReport())
-
     async def _poll_batch(
         self, lane: _Lane, permit: Permit, tasks: list[Task], report: PassReport
     ) -> None:
-        """One batch exchange (already `start`ed), then its results through the service."""
-        try:
-            await self._poll_and_settle(lane, permit, tasks, report)
-        finally:
-            # The tasks' next polls may now be earlier than the time `run()` sleeps until
-            # (a backoff shorter than the lease): let it look again.
-            self.service.wakeup.set()
-
-    async def _poll_and_settle(
-        self, lane: _Lane, permit: Permit, tasks: list[Task], report: PassReport
-    ) -> None:
+        """One batch exchange (already `start`ed), then its results through the service.
+        (Their commits ring the alarm if they plan a poll before the loop's next look.)"""
         verdict = await self._exchange_batch(lane, permit, tasks, report)
         if verdict.results is not None:
             await self._settle(lane, tasks, verdict.results, report)
@@ -560,7 +549,7 @@ class Reconciler:
         assert lane.client is not None, "the Reconciler is not open"
         seconds = provider.settings.request_timeout
         request.extensions["timeout"] = httpx.Timeout(seconds).as_dict()
-        metrics = self.service.metrics
+        metrics = self.metrics
         async with lane.limits.semaphore:
             started = time.perf_counter()
             status = "error"
@@ -614,20 +603,17 @@ class Reconciler:
             report.expired += 1  # its last look, at the deadline, found it still running
 
     def _publish(self, lane: _Lane, now: datetime) -> None:
-        """Mirror a provider's breaker and pause into health (/readyz) and metrics."""
-        name, limits, health = lane.provider.name, lane.limits, self.service.health
-        metrics = self.service.metrics
-        is_open = limits.breaker.state_at(now) is not BreakerState.CLOSED
-        if is_open:
+        """Mirror a provider's breaker and pause into the loop's health (the gauges of
+        /metrics are set from it when scraped)."""
+        name, limits, health = lane.provider.name, lane.limits, self.health
+        if limits.breaker.state_at(now) is not BreakerState.CLOSED:
             health.breakers_open.add(name)
         else:
             health.breakers_open.discard(name)
-        metrics.breakers_open.labels(name).set(1 if is_open else 0)
         if limits.paused is not None:
             health.paused[name] = limits.paused
         else:
             health.paused.pop(name, None)
-        metrics.provider_paused.labels(name).set(1 if limits.paused is not None else 0)
 
 
 def _batches(provider: Provider, tasks: Sequence[Task]) -> list[list[Task]]:
@@ -679,4 +665,4 @@ def _first(failures: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaf
 
 
-__all__ = ["PassReport", "Reconciler"]
+__all__ = ["Health", "PassReport", "Reconciler"]

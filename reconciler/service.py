@@ -1,9 +1,15 @@
-"""Use cases: ingest a webhook, register a task, settle a poll, read tasks and events.
+"""Use cases: ingest a webhook, register a task, settle a poll, poll now, read tasks and
+events.
 
 This is where the pure rules (`state`, `schedule`), the adapters (`providers`) and the
 store meet. The API and the reconciler loop call only this module; neither touches the store
 or an adapter's parsing directly. Every write is one `store.apply`/`store.ingest` whose
 `decide` closure is pure, so the store can batch it into a group commit.
+
+The service does not drive the loop. Every commit tells the feed the earliest poll it
+planned, and the feed's alarm wakes the loop (on whichever replica runs it); "poll now" is
+such a commit plus a wait for the task to change. What the loop says about itself
+(`LoopHealth`) is the loop's own, read here for `/readyz`, `/metrics` and `/stats`.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import json
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from reconciler import codec, schedule
 from reconciler.clock import Clock
@@ -79,13 +86,34 @@ class UnknownTask(ReconcilerError):
     pass
 
 
-@dataclass
-class Health:
-    """What the reconciler loop reports about itself, read by `/readyz` and `/metrics`."""
+# The longest "poll now" waits for its answer (as `GET /tasks/…?wait=` at most).
+POLL_NOW_MAX_WAIT_SECONDS = 60.0
+
+
+class LoopHealth(Protocol):
+    """What the reconciler loop says about itself. The loop owns and writes it; the service
+    and, through it, `/readyz`, `/metrics` and `/stats` only read it."""
+
+    @property
+    def loop_running(self) -> bool: ...
+
+    @property
+    def paused(self) -> Mapping[str, str]: ...  # provider -> why (credentials rejected)
+
+    @property
+    def breakers_open(self) -> AbstractSet[str]: ...
+
+    @property
+    def lag_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NoLoop:
+    """The health of a service with no loop attached (tools, and tests of the API alone)."""
 
     loop_running: bool = False
-    paused: dict[str, str] = field(default_factory=dict)  # provider -> why (auth rejected)
-    breakers_open: set[str] = field(default_factory=set)
+    paused: Mapping[str, str] = field(default_factory=dict)
+    breakers_open: AbstractSet[str] = frozenset()
     lag_seconds: float = 0.0
 
 
@@ -145,6 +173,7 @@ class Service:
         feed: Feed,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
+        health: LoopHealth | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -154,15 +183,11 @@ class Service:
         self.metrics = metrics or Metrics()
         self.rng = rng or random.Random()
         self.timings = {name: Timing.of(p.settings) for name, p in providers.items()}
-        # Set when a registration or webhook may have moved the earliest due poll.
-        self.wakeup = asyncio.Event()
-        # When the loop will look at the schedule again by itself (None: it may not, so
-        # any new poll time wakes it). Set by the loop; lets a webhook that plans a poll
-        # later than that leave the loop asleep instead of costing it a pass.
-        self.loop_wakes_at: datetime | None = None
-        # Installed by the runtime: polls one task now (the loop owns provider I/O).
-        self.poller: Callable[[Task], Awaitable[None]] | None = None
-        self.health = Health()
+        self._health: LoopHealth = health or NoLoop()
+
+    @property
+    def health(self) -> LoopHealth:
+        return self._health
 
     # --- webhooks ----------------------------------------------------------------------
 
@@ -180,15 +205,7 @@ class Service:
         )
         result = await self.store.ingest(delivery, self.interpret)
         self.metrics.delivered(provider, result.outcome.value)
-        self._nudge(result.task)
         return result
-
-    def _nudge(self, task: Task | None) -> None:
-        """Wake the loop if `task` is now due before the loop would look again."""
-        if task is None or task.next_poll_at is None:
-            return
-        if self.loop_wakes_at is None or task.next_poll_at < self.loop_wakes_at:
-            self.wakeup.set()
 
     def interpret(self, delivery: NewDelivery) -> Accepted | Rejected:
         """Pure: what a stored delivery says, as a decision for the store to apply."""
@@ -301,7 +318,6 @@ class Service:
             task = await self.store.get_task(request.ref)
             assert task is not None
             return task, False
-        self._nudge(result.task)
         return result.task, result.created
 
     # --- polling (called by the reconciler loop) ---------------------------------------
@@ -409,15 +425,45 @@ class Service:
         await asyncio.gather(*(self.store.apply([t.ref], hold) for t in tasks))
 
     async def poll_now(self, ref: TaskRef) -> Task:
+        """`POST /tasks/…/poll`: make the task due now and wait for it to change. The commit
+        wakes the loop (the feed's alarm, on whichever replica runs it), which polls the
+        task within its provider's limits. The task is answered as it is when its provider
+        is known to be held, or when the wait (twice the provider's request timeout, at
+        most a minute) ends first."""
         task = await self.store.get_task(ref)
         if task is None:
             raise UnknownTask(f"no task {ref}")
-        if task.terminal or self.poller is None:
+        held = ref.provider in self.health.paused or ref.provider in self.health.breakers_open
+        if task.terminal or held or ref.provider not in self.providers:
             return task
-        await self.poller(task)
-        fresh = await self.store.get_task(ref)
-        assert fresh is not None
-        return fresh
+        now = self.clock.now()
+
+        def due_now(current: Task | None) -> Change | None:
+            if current is None or current.terminal:
+                return None
+            return Change(current.replace(next_poll_at=now), None)
+
+        made = (await self.store.apply([ref], due_now)).task
+        if made is None:  # it became terminal meanwhile
+            return await self._known(ref)
+        timeout = self.providers[ref.provider].settings.request_timeout
+        seconds = min(POLL_NOW_MAX_WAIT_SECONDS, 2 * timeout)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            seen = self.feed.commits
+            current = await self._known(ref)
+            remaining = deadline - asyncio.get_running_loop().time()
+            # The schedule's own writes (due now, the lease, a hand-back) keep the version;
+            # a poll's result, or a webhook meanwhile, moves it.
+            if current.version != made.version or current.terminal or remaining <= 0:
+                return current
+            await self.feed.wait_commit(seen, remaining)
+
+    async def _known(self, ref: TaskRef) -> Task:
+        task = await self.store.get_task(ref)
+        if task is None:  # pruned, or never there
+            raise UnknownTask(f"no task {ref}")
+        return task
 
     # --- reads -------------------------------------------------------------------------
 

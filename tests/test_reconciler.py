@@ -17,7 +17,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,7 @@ from reconciler.limits import (
 )
 from reconciler.model import Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PROVIDERS, PollResult
-from reconciler.reconciler import PassReport, Reconciler
+from reconciler.reconciler import Health, PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.simulator import auth as sim_auth
@@ -140,11 +140,13 @@ async def harness(
     async with SQLiteStore(tmp_path / db, on_commit=feed.publish) as store:
         feed.publish(Commit(await store.last_seq()))
         providers = {name: cls(settings.providers[name], clock) for name, cls in PROVIDERS.items()}
-        service = Service(settings, store, providers, clock, feed, rng=random.Random(0))
+        health = Health()
+        service = Service(
+            settings, store, providers, clock, feed, rng=random.Random(0), health=health
+        )
         if sink is not None:
             sink.service = service
-        async with Reconciler(service, providers, clock) as loop:
-            service.poller = loop.poll_task
+        async with Reconciler(service, providers, clock, alarm=feed.alarm, health=health) as loop:
             yield Harness(clock, sim, feed, store, service, loop)
 
 
@@ -304,19 +306,47 @@ async def test_due_tasks_are_batched(tmp_path: Path, clock: FakeClock, sim: Simu
         assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
 
 
-async def test_poll_now_goes_through_the_loop(
-    tmp_path: Path, clock: FakeClock, sim: Simulator
-) -> None:
-    async with harness(tmp_path, clock, sim) as h:
+async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
+    """ "Poll now" is a commit (the task due now) that rings the sleeping loop's alarm, and a
+    wait for the task to change: the loop polls it, within its provider's limits."""
+    clock = FakeClock()  # a plain one: `run()` sleeps on it until the alarm rings
+    async with Simulator(clock=clock, seed=3).serve() as sim, harness(tmp_path, clock, sim) as h:
         created = sim.create_task("acedata", finish_after=30)
         ref = await register(h, "acedata", created.task_id, "text2video")
-        clock.advance(10)  # not due yet: the API asks for it
-
-        task = await h.service.poll_now(TaskRef(*ref))
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(10)  # not due for another 50 s: the API asks for it
+            async with asyncio.timeout(10):
+                task = await h.service.poll_now(TaskRef(*ref))
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
 
         assert task.polls == 1 and task.source is Source.POLL
         assert task.status is Status.PROCESSING and not task.terminal
         assert [r.kind for r in requests_of(sim, "acedata")] == ["query"]
+        assert task.next_poll_at is not None and task.next_poll_at > clock.now()
+
+
+async def test_poll_now_answers_at_once_for_a_held_provider_and_waits_boundedly(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    env = {"ACEDATA_API_TOKEN": "wrong-token", "KIE_REQUEST_TIMEOUT": "0.05"}
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        paused = await register(h, "acedata", sim.create_task("acedata").task_id, "text2video")
+        clock.advance(FIRST_POLL_AFTER)
+        await h.loop.run_once()  # 401: paused
+        assert "acedata" in h.service.health.paused
+        sent = len(sim.requests)
+        task = await h.service.poll_now(TaskRef(*paused))
+        assert task.polls == 0 and len(sim.requests) == sent  # not asked
+
+        # Nobody runs the loop here: the wait ends, bounded (twice the request timeout).
+        unpolled = await register(h, "kie", sim.create_task("kie").task_id, "jobs")
+        task = await h.service.poll_now(TaskRef(*unpolled))
+        assert task.polls == 0 and task.next_poll_at == clock.now()  # due, for the loop
+        assert len(sim.requests) == sent
 
 
 # --- limits ------------------------------------------------------------------------------
@@ -714,21 +744,15 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
         try:
             clock.advance(FIRST_POLL_AFTER)
             start = clock.now()
-            async with asyncio.timeout(20):
-                while not all(task.terminal for task in await h.tasks(refs)):
-                    # Move time on, then let the loop settle into its next wait (each poll
-                    # it settles wakes it, so progress always ends in a new wait).
-                    clock.waiting.clear()
-                    clock.advance(0.1)
-                    await clock.waiting.wait()
+            await polled(h, refs, 1)  # the first batch went at once; the others wait
+            for count in range(2, len(refs) + 1):
+                clock.set(clock.next_wake())  # the next batch's slot
+                await polled(h, refs, count)
             sent = requests_of(sim, "kie")
             assert len(sent) == 10
             assert all(task.polls == 1 for task in await h.tasks(refs))
-            times = sorted(r.at for r in sent)
-            # Ten tokens at 10/s span 0.9 s (less one clock step a request may spend in
-            # flight while time moves), and all went in one go, not pass by pass.
-            assert (times[-1] - times[0]).total_seconds() >= 0.8
-            assert (times[-1] - start).total_seconds() < 1.5
+            times = sorted(r.at - start for r in sent)
+            assert times == [timedelta(seconds=n / 10) for n in range(10)]
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
@@ -736,58 +760,88 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
 
 
 class WatchedClock(FakeClock):
-    """A FakeClock that tells when someone starts waiting on it."""
+    """A FakeClock that knows who sleeps on it and until when, so a test of `run()` can move
+    time on to the next moment someone waits for, once everyone is waiting."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.waiting = asyncio.Event()
+        self.waiting = asyncio.Event()  # set whenever someone starts or stops sleeping
+        self.sleeping: list[datetime | None] = []
 
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
+        self.sleeping.append(when)
         self.waiting.set()
-        await super().sleep_until(when, wake)
+        try:
+            await super().sleep_until(when, wake)
+        finally:
+            self.sleeping.remove(when)
+            self.waiting.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait (on sleepers coming and going) until `condition()` holds."""
+        async with asyncio.timeout(10):
+            while not condition():
+                self.waiting.clear()
+                await self.waiting.wait()
+
+    def next_wake(self) -> datetime:
+        """The earliest time someone sleeps until."""
+        return min(when for when in self.sleeping if when is not None)
+
+
+async def polled(h: Harness, refs: list[tuple[str, str]], count: int) -> None:
+    """Wait (on the feed's commits) until `count` polls of `refs` were written."""
+    async with asyncio.timeout(10):
+        while True:
+            seen = h.feed.commits
+            if sum(task.polls for task in await h.tasks(refs)) >= count:
+                return
+            await h.feed.wait_commit(seen, 10)
 
 
 async def test_run_starts_the_batches_a_probe_held_as_soon_as_it_succeeds(
     tmp_path: Path,
 ) -> None:
-    """Under `run()`, the batches due with the probe wait in memory for its verdict (not for
-    its timeout), then go one token apart."""
+    """Under `run()`, batches due with a probe wait in memory for its verdict, not for its
+    timeout (30 s here), then go one token apart. The probe is a Kling task the provider
+    does not know: its exchange needs a second request (the list), one token later."""
     clock = WatchedClock()
-    env = {"KIE_RATE_LIMIT": "10", "RECONCILER_REQUEST_TIMEOUT": "30"}
+    env = {"KLING_RATE_LIMIT": "10", "RECONCILER_REQUEST_TIMEOUT": "30"}
     async with (
         Simulator(clock=clock, seed=3).serve() as sim,
         harness(tmp_path, clock, sim, env=env) as h,
     ):
-        sim.faults = Faults(drop=1.0, providers={"kie": Faults(server_error=1.0)})
-        refs = []
-        for _ in range(BREAKER_THRESHOLD + 5):
-            created = sim.create_task("kie", action="jobs", finish_after=30)
-            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        probe = await register(h, "kling", "424242424242424242", "effects")  # due first
+        clock.advance(1)
+        held = []
+        for action in ("text2video", "image2video", "lip-sync", "video-extend"):
+            created = sim.create_task("kling", action=action, finish_after=30)
+            held.append(await register(h, "kling", created.task_id, action))
+        limits = h.loop.limits["kling"]
+        for _ in range(BREAKER_THRESHOLD):  # as five failed exchanges would
+            limits.breaker.record_failure(clock.now())
         running = asyncio.create_task(h.loop.run())
-
-        async def step(seconds: float) -> None:
-            clock.waiting.clear()
-            clock.advance(seconds)
-            await clock.waiting.wait()
-
         try:
-            async with asyncio.timeout(20):
-                await step(FIRST_POLL_AFTER)
-                while h.loop.limits["kie"].breaker.state is BreakerState.CLOSED:
-                    await step(0.1)
-                opened = clock.now()
-                sim.faults = Faults(drop=1.0)
-                await step(BREAKER_COOLDOWN_SECONDS)  # the probe and the rest are due
-                while not all(task.terminal for task in await h.tasks(refs)):
-                    await step(0.1)
-            recovered = [r for r in requests_of(sim, "kie") if r.status == 200]
-            assert len(recovered) == len(refs)
-            last = opened + timedelta(seconds=BREAKER_COOLDOWN_SECONDS + 1.5)
-            assert all(r.at <= last for r in recovered)
+            clock.advance(FIRST_POLL_AFTER)  # past the cool-down: the probe and the rest
+            due = clock.now()
+            # The probe waits for its second token, the first of the others for its slot.
+            turn = due + timedelta(seconds=0.1)
+            await clock.until(lambda: clock.sleeping.count(turn) == 2)
+            for count in range(1, len(held) + 2):  # the probe's verdict, then one by one
+                clock.set(clock.next_wake())
+                await polled(h, [probe, *held], count)
+            sent = requests_of(sim, "kling")
+            assert [r.at - due for r in sent] == [timedelta(seconds=n / 10) for n in range(6)]
+            assert [r.kind for r in sent[:2]] == ["query", "list"]  # the probe
+            assert limits.breaker.state is BreakerState.CLOSED
+            assert all(task.polls == 1 for task in await h.tasks(held))
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
                 await running
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None:
@@ -814,26 +868,28 @@ async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None
             assert task.next_poll_at == leased_at + timedelta(seconds=h.loop.lease_seconds)
 
 
-async def test_webhooks_wake_the_loop_only_for_earlier_polls(
+async def test_commits_ring_the_alarm_only_for_earlier_polls(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
+    """Registrations and webhooks wake the loop through their commits, and only when they
+    plan a poll before the loop's next look at the schedule."""
     async with harness(tmp_path, clock, sim) as h:
-        service = h.service
-        service.loop_wakes_at = clock.now() + timedelta(seconds=10)
+        service, alarm = h.service, h.feed.alarm
+        assert h.loop.alarm is alarm
+        alarm.reset(clock.now() + timedelta(seconds=10))
         body = b'{"task_id": "w1", "task_status": "processing"}'
         result = await service.ingest("kling", {}, body)
         assert result.task is not None and result.task.next_poll_at is not None
-        assert result.task.next_poll_at > service.loop_wakes_at
-        assert not service.wakeup.is_set()  # the loop looks again before that poll is due
+        assert result.task.next_poll_at > alarm.next_look
+        assert not alarm.rung.is_set()  # the loop looks again before that poll is due
 
-        service.loop_wakes_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER * 10)
+        alarm.reset(clock.now() + timedelta(seconds=FIRST_POLL_AFTER * 10))
         await service.register("kling", "w2")
-        assert service.wakeup.is_set()  # due before the loop would have looked
+        assert alarm.rung.is_set()  # due before the loop would have looked
 
-        service.wakeup.clear()
-        service.loop_wakes_at = None  # the loop is between reading and sleeping
+        alarm.reset(None)  # the loop is reading the schedule
         await service.ingest("kling", {}, b'{"task_id": "w3", "task_status": "submitted"}')
-        assert service.wakeup.is_set()
+        assert alarm.rung.is_set()
 
 
 async def test_an_unconfigured_provider_is_not_polled_and_its_tasks_expire(
@@ -871,10 +927,8 @@ async def test_stop_releases_batches_waiting_in_memory(tmp_path: Path) -> None:
         clock.advance(FIRST_POLL_AFTER)
         running = asyncio.create_task(h.loop.run())
         try:
-            async with asyncio.timeout(10):
-                while len(requests_of(sim, "kie")) < 1 or not h.loop._slot_waiters:
-                    clock.waiting.clear()
-                    await clock.waiting.wait()
+            await polled(h, refs, 1)  # the first batch went; the others wait for their slots
+            await clock.until(lambda: len([w for w in clock.sleeping if w and w < _NEVER]) >= 3)
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
