@@ -15,7 +15,7 @@ schedule (`service`/`schedule`), and HTTP.
   the cool-down ends, where one probe decides: success closes it, failure reopens it with
   a doubled cool-down.
 - `ProviderLimits`: one provider's bucket, concurrency, Retry-After block, breaker and auth
-  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, permit, outcome)`
+  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, permit, verdict)`
   around each batch exchange. A pause is probed once a minute.
 
 Holds live here, in memory, and nowhere else: not in the tasks' schedules. A restart starts
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from reconciler.config import ProviderSettings
+from reconciler.errors import Verdict
 
 # A 429 without Retry-After blocks the provider this long, doubling while they keep coming.
 RATE_LIMIT_BACKOFF_SECONDS = 1.0
@@ -178,16 +179,6 @@ class Breaker:
         self.open_until = after(now, self.cooldown)
 
 
-class Outcome(enum.Enum):
-    """How one batch exchange ended, as far as the provider's health is concerned."""
-
-    SUCCESS = "success"  # an answer we could read (including "not found")
-    FAILURE = "failure"  # 5xx, timeout, transport error, unreadable answer
-    RATE_LIMITED = "rate_limited"  # 429: the whole provider waits
-    REJECTED = "rejected"  # credentials/account refused: pause the provider
-    ABANDONED = "abandoned"  # no verdict: held back mid-way, or shutting down
-
-
 @dataclass(frozen=True, slots=True)
 class Permit:
     """Leave to run one batch exchange, handed back to `finish`. `probe`: this exchange is
@@ -198,7 +189,7 @@ class Permit:
 
 class ProviderLimits:
     """One provider's limits. `start(now)` before a batch exchange (None: not now, see
-    `ready_at`), `finish(now, permit, outcome)` after it, and before each further request
+    `ready_at`), `finish(now, permit, verdict)` after it, and before each further request
     within it `stopped_until(now)` (give up) and `take_turn(now)` (wait for a token)."""
 
     def __init__(
@@ -271,9 +262,11 @@ class ProviderLimits:
 
     def slot_at(self, now: datetime, position: int) -> datetime:
         """When the batch `position` places back in this provider's queue (0: next) may
-        start, pacing the queue at `rate` from `resume_at`. With a probe out, that is taken
-        to be now: the probe usually answers within the second."""
-        return self.bucket.ready_at(self.resume_at(now), position + 1)
+        start: paced at `rate` from `resume_at` (with a probe out, from now: a probe usually
+        answers within the second), and never before `position + 1` tokens from now, so
+        that a provider whose exchanges are all in flight is not asked again at once."""
+        paced = self.bucket.ready_at(self.resume_at(now), position + 1)
+        return max(paced, after(now, (position + 1) / self.bucket.rate))
 
     # --- one batch exchange --------------------------------------------------------------
 
@@ -310,7 +303,7 @@ class ProviderLimits:
         self,
         now: datetime,
         permit: Permit,
-        outcome: Outcome,
+        verdict: Verdict,
         *,
         retry_after: float | None = None,
         reason: str | None = None,
@@ -320,17 +313,17 @@ class ProviderLimits:
         self.in_flight = max(0, self.in_flight - 1)
         if permit.probe:
             self._pause_probing = False
-        if outcome is Outcome.SUCCESS:
+        if verdict is Verdict.ANSWERED:
             self.breaker.record_success(now)
             self.rate_limited_streak = 0
             self.paused = self.paused_until = None
             return None
-        if outcome is Outcome.FAILURE:
+        if verdict is Verdict.FAILED:
             self.breaker.record_failure(now, probe=permit.probe)
             return None
         if permit.probe:
             self.breaker.release()
-        if outcome is Outcome.RATE_LIMITED:
+        if verdict is Verdict.RATE_LIMITED:
             if retry_after is None:
                 retry_after = min(
                     RATE_LIMIT_BACKOFF_MAX_SECONDS,
@@ -340,7 +333,7 @@ class ProviderLimits:
             until = after(now, retry_after)
             self.blocked_until = max(until, self.blocked_until or until)
             return self.blocked_until
-        if outcome is Outcome.REJECTED:
+        if verdict is Verdict.REJECTED:
             self.paused = reason or "credentials rejected"
             self.paused_until = after(now, self.pause_seconds)
             return self.paused_until

@@ -31,14 +31,7 @@ from typing import Any, Protocol
 from reconciler import codec, schedule
 from reconciler.clock import Clock
 from reconciler.config import Settings
-from reconciler.errors import (
-    AuthRejected,
-    BadPayload,
-    NotFound,
-    ProviderError,
-    ReconcilerError,
-    TemporaryError,
-)
+from reconciler.errors import BadPayload, ProviderError, ReconcilerError, Verdict
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
 from reconciler.model import Change, EventType, Observation, Source, Status, Task, TaskRef
@@ -338,7 +331,7 @@ class Service:
         now = self.clock.now()
         ref = task.ref
         timing = self.timings[ref.provider]
-        outcome = "observed" if result.observation else _error_word(result.error)
+        outcome = "observed" if result.observation or not result.error else result.error.outcome
         self.metrics.polls.labels(ref.provider, outcome).inc()
 
         def decide(current: Task | None) -> Change | None:
@@ -364,25 +357,23 @@ class Service:
             version=current.version + 1,
             poll_failures=current.poll_failures + 1,
         )
-        if isinstance(error, NotFound):
+        if error is not None and error.verdict is Verdict.ANSWERED:  # unknown there (yet)
             if schedule.not_found_expired(current, now, timing):
                 failed = fail(counted, now, NOT_FOUND_ERROR)
                 return self._planned(failed or Change(counted, None), None)
             next_at = schedule.after_not_found(counted, now, timing, self.rng)
             return self._planned(Change(counted, None), next_at)
-        delay = error.delay if isinstance(error, TemporaryError) else None
+        delay = error.delay if error is not None else None
         next_at = schedule.after_error(current, now, timing, self.rng, delay)
         return self._planned(Change(counted, None), next_at)
 
-    async def poll_failed(
-        self, tasks: Sequence[Task], error: ProviderError, delay: float | None = None
-    ) -> list[Task | None]:
-        """A whole exchange failed: back each task off (by `delay` when the provider said).
-        Returns the tasks as written (None for those gone or already terminal)."""
+    async def poll_failed(self, tasks: Sequence[Task], error: ProviderError) -> list[Task | None]:
+        """A whole exchange failed: back each task off (by the error's `delay` when the
+        provider said). Returns the tasks as written (None for those gone or terminal)."""
+        delay = error.delay
         now = self.clock.now()
-        word = _error_word(error)
         for task in tasks:
-            self.metrics.polls.labels(task.provider, word).inc()
+            self.metrics.polls.labels(task.provider, error.outcome).inc()
         timing_of = self.timings
 
         def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
@@ -412,9 +403,8 @@ class Service:
         answer their exchange got (429, 401), counted as their poll's outcome."""
         now = self.clock.now()
         if met is not None:
-            word = _error_word(met)
             for task in tasks:
-                self.metrics.polls.labels(task.provider, word).inc()
+                self.metrics.polls.labels(task.provider, met.outcome).inc()
 
         def hold(current: Task | None) -> Change | None:
             if current is None or current.terminal:
@@ -571,18 +561,6 @@ def _maybe(
         return None
     change = rule(task, now)
     return None if change is None else Service._planned(change, None)
-
-
-def _error_word(error: ProviderError | None) -> str:
-    if isinstance(error, NotFound):
-        return "not_found"
-    if isinstance(error, AuthRejected):
-        return "auth_rejected"
-    if isinstance(error, BadPayload):
-        return "malformed"
-    if isinstance(error, TemporaryError):
-        return type(error).__name__.lower()
-    return "error"
 
 
 def _encode_cursor(key: tuple[float, str, str]) -> str:

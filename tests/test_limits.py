@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from reconciler.errors import Verdict
 from reconciler.limits import (
     RECHECK_SECONDS,
     Breaker,
     BreakerState,
-    Outcome,
     Permit,
     ProviderLimits,
     TokenBucket,
@@ -184,14 +184,14 @@ def test_start_takes_a_token_and_a_slot() -> None:
     assert not lim.has_room()
     assert lim.start(at(5)) is None  # both slots taken
     assert lim.start(at(5), need_room=False) is not None  # bounded by the semaphore only
-    lim.finish(at(6), permit, Outcome.SUCCESS)
+    lim.finish(at(6), permit, Verdict.ANSWERED)
     assert lim.in_flight == 2
 
 
 def test_retry_after_holds_the_whole_provider() -> None:
     lim = limits()
     permit = started(lim, at(0))
-    until = lim.finish(at(1), permit, Outcome.RATE_LIMITED, retry_after=10)
+    until = lim.finish(at(1), permit, Verdict.RATE_LIMITED, retry_after=10)
     assert until == at(11)
     assert lim.held_until(at(5)) == at(11)
     assert lim.stopped_until(at(5)) == at(11)
@@ -204,16 +204,16 @@ def test_retry_after_holds_the_whole_provider() -> None:
 
 def test_rate_limits_without_retry_after_back_off_exponentially() -> None:
     lim = limits()
-    assert lim.finish(at(0), started(lim, at(0)), Outcome.RATE_LIMITED) == at(1)
-    assert lim.finish(at(1), started(lim, at(1)), Outcome.RATE_LIMITED) == at(3)
-    lim.finish(at(3), started(lim, at(3)), Outcome.SUCCESS)
-    assert lim.finish(at(4), started(lim, at(4)), Outcome.RATE_LIMITED) == at(5)
+    assert lim.finish(at(0), started(lim, at(0)), Verdict.RATE_LIMITED) == at(1)
+    assert lim.finish(at(1), started(lim, at(1)), Verdict.RATE_LIMITED) == at(3)
+    lim.finish(at(3), started(lim, at(3)), Verdict.ANSWERED)
+    assert lim.finish(at(4), started(lim, at(4)), Verdict.RATE_LIMITED) == at(5)
 
 
 def test_rejected_credentials_pause_then_probe() -> None:
     lim = limits()
     permit = started(lim, at(0))
-    until = lim.finish(at(0), permit, Outcome.REJECTED, reason="acedata: HTTP 401 invalid_token")
+    until = lim.finish(at(0), permit, Verdict.REJECTED, reason="acedata: HTTP 401 invalid_token")
     assert until == at(300)
     assert lim.paused == "acedata: HTTP 401 invalid_token"
     assert lim.ready_at(at(100)) == at(300)
@@ -221,10 +221,10 @@ def test_rejected_credentials_pause_then_probe() -> None:
     assert probe.probe
     assert lim.start(at(301)) is None  # others wait for its verdict
     assert lim.probing and lim.held_until(at(301)) is None and lim.ready_at(at(301)) is None
-    lim.finish(at(302), probe, Outcome.REJECTED, reason="still bad")
+    lim.finish(at(302), probe, Verdict.REJECTED, reason="still bad")
     assert lim.paused == "still bad"
     probe = started(lim, at(602))
-    lim.finish(at(603), probe, Outcome.SUCCESS)
+    lim.finish(at(603), probe, Verdict.ANSWERED)
     assert lim.paused is None
     assert lim.ready_at(at(603)) is None
 
@@ -232,14 +232,14 @@ def test_rejected_credentials_pause_then_probe() -> None:
 def test_failures_open_the_breaker_and_a_probe_closes_it() -> None:
     lim = limits()
     for second in (0, 1):
-        lim.finish(at(second), started(lim, at(second)), Outcome.FAILURE)
+        lim.finish(at(second), started(lim, at(second)), Verdict.FAILED)
     assert lim.breaker.state is BreakerState.OPEN
     assert lim.ready_at(at(2)) == at(31)
     assert lim.stopped_until(at(2)) == at(31)
     probe = started(lim, at(31))
     assert probe.probe
     assert lim.start(at(40)) is None
-    lim.finish(at(41), probe, Outcome.SUCCESS)
+    lim.finish(at(41), probe, Verdict.ANSWERED)
     assert lim.breaker.state is BreakerState.CLOSED
 
 
@@ -248,7 +248,7 @@ def test_a_probe_in_flight_is_not_a_hold() -> None:
     behind a probe's timeout, they waited 30 s more after the cool-down had ended."""
     lim = limits()
     for second in (0, 1):
-        lim.finish(at(second), started(lim, at(second)), Outcome.FAILURE)
+        lim.finish(at(second), started(lim, at(second)), Verdict.FAILED)
     started(lim, at(31))
     assert lim.probing
     assert lim.held_until(at(31)) is None and lim.ready_at(at(31.5)) is None
@@ -258,9 +258,9 @@ def test_a_probe_in_flight_is_not_a_hold() -> None:
 def test_abandoned_exchange_frees_its_slot_and_probe() -> None:
     lim = limits()
     for second in (0, 1):
-        lim.finish(at(second), started(lim, at(second)), Outcome.FAILURE)
+        lim.finish(at(second), started(lim, at(second)), Verdict.FAILED)
     probe = started(lim, at(31))
-    assert lim.finish(at(31), probe, Outcome.ABANDONED) is None
+    assert lim.finish(at(31), probe, Verdict.ABANDONED) is None
     assert lim.in_flight == 0
     assert lim.start(at(32)) is not None  # another probe may go
 
@@ -276,7 +276,7 @@ def test_a_long_hold_is_looked_at_again_within_a_minute() -> None:
     """A hold lives in memory: the tasks it meets come back within `RECHECK_SECONDS`, so a
     restart that forgot it finds none planned behind it for longer."""
     lim = limits()
-    lim.finish(at(0), started(lim, at(0)), Outcome.RATE_LIMITED, retry_after=3600)
+    lim.finish(at(0), started(lim, at(0)), Verdict.RATE_LIMITED, retry_after=3600)
     assert lim.held_until(at(1)) == at(3600)
     assert lim.resume_at(at(1)) == at(1 + RECHECK_SECONDS)
     assert lim.slot_at(at(1), 1) == at(1 + RECHECK_SECONDS + 0.5)
