@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-
-import pytest
 
 from reconciler.clock import FakeClock
 from reconciler.simulator import Faults, Simulator
 from tests.conftest import StartService
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=5).serve() as served:
-        yield served
 
 
 def metric(text: str, name: str) -> float:

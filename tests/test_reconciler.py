@@ -1,10 +1,11 @@
 """The reconciler loop against the provider simulator, over real HTTP on 127.0.0.1.
 
-Time is one FakeClock shared by the simulator, the adapters, the service and the loop. Most
+Time is one clock shared by the simulator, the adapters, the service and the loop. Most
 tests drive the loop with `run_once()` and move the clock to the next due time themselves
-(`drive`), like a discrete-event simulation; one runs `run()` as a task and waits on the
-event feed. Callbacks, where a test wants them, go from the simulator to a small Starlette
-receiver that hands them to `service.ingest`. Nothing sleeps.
+(`drive`), like a discrete-event simulation; the tests of `run()` run it as a task and move
+a plain FakeClock to the next moment something waits for. The service runs as `serve` starts
+it, so callbacks, where a test wants them, go from the simulator to its callback endpoint.
+Nothing sleeps.
 """
 
 from __future__ import annotations
@@ -14,22 +15,15 @@ import contextlib
 import logging
 import math
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from reconciler.clock import FakeClock
-from reconciler.config import Settings
-from reconciler.feed import Commit, Feed
+from reconciler.feed import Feed
 from reconciler.limits import (
     BREAKER_COOLDOWN_SECONDS,
     BREAKER_THRESHOLD,
@@ -38,76 +32,36 @@ from reconciler.limits import (
     BreakerState,
 )
 from reconciler.model import Observation, Source, Status, Task, TaskRef
-from reconciler.providers import PROVIDERS, PollResult
-from reconciler.reconciler import Health, PassReport, Reconciler
+from reconciler.providers import PollResult
+from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.simulator import auth as sim_auth
-from reconciler.store.sqlite import SQLiteStore
-from tests.conftest import StartService
+from tests.conftest import Served, StartService, serve
 
 FIRST_POLL_AFTER = 60.0
-
-
-class JumpingClock(FakeClock):
-    """A FakeClock whose `sleep_until(when)` moves time to `when` instead of waiting.
-
-    Under `run_once()` the only sleepers are the loop's own waits for a provider's token
-    within an exchange (e.g. Kling's query, then its list): jumping to the promised time is
-    what a discrete-event simulation does, and keeps the pass from waiting for a test that
-    is itself waiting for the pass.
-    """
-
-    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
-        if when is None or wake.is_set():
-            await super().sleep_until(when, wake)
-        elif when > self.now():
-            self.set(when)
-
-
-class Sink:
-    """The application's callback endpoint: every POST goes to `service.ingest`."""
-
-    def __init__(self) -> None:
-        self.service: Service | None = None
-        self.base = ""
-
-    def url(self, provider: str) -> str:
-        return f"{self.base}/callbacks/{provider}"
-
-    async def endpoint(self, request: Request) -> Response:
-        assert self.service is not None
-        provider = request.path_params["provider"]
-        await self.service.ingest(provider, dict(request.headers), await request.body())
-        return Response(status_code=200)
-
-
-@contextlib.asynccontextmanager
-async def serve_sink() -> AsyncIterator[Sink]:
-    sink = Sink()
-    app = Starlette(routes=[Route("/callbacks/{provider}", sink.endpoint, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    sink.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield sink
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
 
 
 @dataclass
 class Harness:
     clock: FakeClock
     sim: Simulator
-    feed: Feed
-    store: SQLiteStore
-    service: Service
-    loop: Reconciler
+    served: Served
+
+    @property
+    def feed(self) -> Feed:
+        return self.served.runtime.feed
+
+    @property
+    def service(self) -> Service:
+        return self.served.service
+
+    @property
+    def loop(self) -> Reconciler:
+        return self.served.loop
+
+    def callback_url(self, provider: str) -> str:
+        return f"{self.served.url}/callbacks/{provider}"
 
     async def task(self, provider: str, task_id: str) -> Task:
         task = await self.service.get_task(TaskRef(provider, task_id))
@@ -124,30 +78,17 @@ async def harness(
     clock: FakeClock,
     sim: Simulator,
     env: dict[str, str] | None = None,
-    sink: Sink | None = None,
     db: str = "db.sqlite",
 ) -> AsyncIterator[Harness]:
     environ = {
         **sim.environ(),
-        "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path / db}",
         "RECONCILER_FIRST_POLL_AFTER": str(FIRST_POLL_AFTER),
         "RECONCILER_RATE_LIMIT": "20",
         "RECONCILER_REQUEST_TIMEOUT": "5",
         **(env or {}),
     }
-    settings = Settings.from_environ(environ)
-    feed = Feed()
-    async with SQLiteStore(tmp_path / db, on_commit=feed.publish) as store:
-        feed.publish(Commit(await store.last_seq()))
-        providers = {name: cls(settings.providers[name], clock) for name, cls in PROVIDERS.items()}
-        health = Health()
-        service = Service(
-            settings, store, providers, clock, feed, rng=random.Random(0), health=health
-        )
-        if sink is not None:
-            sink.service = service
-        async with Reconciler(service, providers, clock, alarm=feed.alarm, health=health) as loop:
-            yield Harness(clock, sim, feed, store, service, loop)
+    async with serve(tmp_path / db, environ, clock, rng=random.Random(0)) as served:
+        yield Harness(clock, sim, served)
 
 
 async def drive(
@@ -183,17 +124,6 @@ def requests_of(sim: Simulator, provider: str) -> list[RecordedRequest]:
     return [r for r in sim.requests if r.provider == provider and r.kind != "create"]
 
 
-@pytest.fixture
-def clock() -> JumpingClock:
-    return JumpingClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=3).serve() as served:
-        yield served
-
-
 async def register(h: Harness, provider: str, task_id: str, action: str) -> tuple[str, str]:
     await h.service.register(provider, task_id, action)
     return provider, task_id
@@ -222,13 +152,13 @@ async def test_lost_callbacks_are_recovered_by_polling(
         ("kie", "veo", "completed", 120),
         ("kie", "jobs", "failed", 20),
     ]
-    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+    async with harness(tmp_path, clock, sim) as h:
         refs = []
         for provider, action, outcome, finish_after in plan:
             created = sim.create_task(
                 provider,
                 action=action,
-                callback_url=sink.url(provider),
+                callback_url=h.callback_url(provider),
                 outcome=outcome,  # type: ignore[arg-type]
                 finish_after=finish_after,
             )
@@ -256,7 +186,7 @@ async def test_lost_callbacks_are_recovered_by_polling(
 async def test_a_callback_before_the_first_due_poll_means_no_poll(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
-    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+    async with harness(tmp_path, clock, sim) as h:
         refs = []
         for provider, action in [
             ("kling", "text2video"),
@@ -264,7 +194,7 @@ async def test_a_callback_before_the_first_due_poll_means_no_poll(
             ("kie", "jobs"),
         ]:
             created = sim.create_task(
-                provider, action=action, callback_url=sink.url(provider), finish_after=20
+                provider, action=action, callback_url=h.callback_url(provider), finish_after=20
             )
             refs.append(await register(h, provider, created.task_id, action))
 
@@ -307,8 +237,9 @@ async def test_due_tasks_are_batched(tmp_path: Path, clock: FakeClock, sim: Simu
 
 
 async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
-    """ "Poll now" is a commit (the task due now) that rings the sleeping loop's alarm, and a
-    wait for the task to change: the loop polls it, within its provider's limits."""
+    """`POST /tasks/…/poll` is a commit (the task due now) that rings the sleeping loop's
+    alarm, and a wait for the task to change: the loop polls it, within its provider's
+    limits, and the answer is the polled task."""
     clock = FakeClock()  # a plain one: `run()` sleeps on it until the alarm rings
     async with Simulator(clock=clock, seed=3).serve() as sim, harness(tmp_path, clock, sim) as h:
         created = sim.create_task("acedata", finish_after=30)
@@ -316,17 +247,19 @@ async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
         running = asyncio.create_task(h.loop.run())
         try:
             clock.advance(10)  # not due for another 50 s: the API asks for it
-            async with asyncio.timeout(10):
-                task = await h.service.poll_now(TaskRef(*ref))
+            response = await h.served.client.post(f"/tasks/acedata/{created.task_id}/poll")
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
                 await running
 
-        assert task.polls == 1 and task.source is Source.POLL
-        assert task.status is Status.PROCESSING and not task.terminal
+        assert response.status_code == 200, response.text
+        task = response.json()
+        assert task["polls"] == 1 and task["source"] == "poll"
+        assert task["status"] == "processing"
         assert [r.kind for r in requests_of(sim, "acedata")] == ["query"]
-        assert task.next_poll_at is not None and task.next_poll_at > clock.now()
+        next_poll_at = (await h.task(*ref)).next_poll_at
+        assert next_poll_at is not None and next_poll_at > clock.now()  # back on its schedule
 
 
 async def test_poll_now_answers_at_once_for_a_held_provider_and_waits_boundedly(
