@@ -33,9 +33,9 @@ class Alarm:
     schedule, so a registration, a webhook or "poll now" never waits for a pass that was
     not coming, and one that plans a later poll costs the loop nothing.
 
-    The loop keeps `next_look` current (`reset` at the start of a pass, `next_look` set
-    while it reads the schedule and sleeps): the start of its pass while it passes, None
-    while it reads the schedule (then any poll rings), and the time it sleeps until."""
+    The loop keeps `next_look` current: `reset(start)` as a pass begins (meanwhile only a
+    poll planned before its start rings), None while it reads the schedule (any poll
+    rings), then the time it sleeps until. `stop()` of the loop rings it to end the sleep."""
 
     def __init__(self) -> None:
         self.rung = asyncio.Event()

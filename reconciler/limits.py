@@ -270,12 +270,10 @@ class ProviderLimits:
 
     # --- one batch exchange --------------------------------------------------------------
 
-    def start(self, now: datetime, *, need_room: bool = True) -> Permit | None:
+    def start(self, now: datetime) -> Permit | None:
         """Begin a batch exchange now if allowed: takes a token and, after an open breaker
         or a pause, makes this exchange the probe."""
-        if self.ready_at(now) is not None or self.probing:
-            return None
-        if need_room and not self.has_room():
+        if self.ready_at(now) is not None or self.probing or not self.has_room():
             return None
         half_open = self.breaker.state_at(now) is BreakerState.HALF_OPEN
         if not self.breaker.allows(now):

@@ -331,7 +331,7 @@ class Service:
         now = self.clock.now()
         ref = task.ref
         timing = self.timings[ref.provider]
-        outcome = "observed" if result.observation or not result.error else result.error.outcome
+        outcome = result.error.outcome if result.error is not None else "observed"
         self.metrics.polls.labels(ref.provider, outcome).inc()
 
         def decide(current: Task | None) -> Change | None:
@@ -418,14 +418,19 @@ class Service:
         """`POST /tasks/…/poll`: make the task due now and wait for it to change. The commit
         wakes the loop (the feed's alarm, on whichever replica runs it), which polls the
         task within its provider's limits. The task is answered as it is when its provider
-        is known to be held, or when the wait (twice the provider's request timeout, at
-        most a minute) ends first."""
-        task = await self.store.get_task(ref)
-        if task is None:
-            raise UnknownTask(f"no task {ref}")
-        held = ref.provider in self.health.paused or ref.provider in self.health.breakers_open
-        if task.terminal or held or ref.provider not in self.providers:
-            return task
+        is not configured for polling or known to be held, or when the wait (twice the
+        provider's request timeout, at most a minute) ends first."""
+        task = await self._known(ref)
+        adapter = self.providers.get(ref.provider)
+        health = self.health
+        if (
+            task.terminal
+            or adapter is None
+            or not adapter.settings.configured
+            or ref.provider in health.paused
+            or ref.provider in health.breakers_open
+        ):
+            return task  # nobody to ask now
         now = self.clock.now()
 
         def due_now(current: Task | None) -> Change | None:
@@ -436,8 +441,7 @@ class Service:
         made = (await self.store.apply([ref], due_now)).task
         if made is None:  # it became terminal meanwhile
             return await self._known(ref)
-        timeout = self.providers[ref.provider].settings.request_timeout
-        seconds = min(POLL_NOW_MAX_WAIT_SECONDS, 2 * timeout)
+        seconds = min(POLL_NOW_MAX_WAIT_SECONDS, 2 * adapter.settings.request_timeout)
         deadline = asyncio.get_running_loop().time() + seconds
         while True:
             seen = self.feed.commits

@@ -168,8 +168,8 @@ def limits(**kwargs: float) -> ProviderLimits:
     )
 
 
-def started(lim: ProviderLimits, now: datetime, *, need_room: bool = True) -> Permit:
-    permit = lim.start(now, need_room=need_room)
+def started(lim: ProviderLimits, now: datetime) -> Permit:
+    permit = lim.start(now)
     assert permit is not None, "the exchange could not start"
     return permit
 
@@ -183,9 +183,9 @@ def test_start_takes_a_token_and_a_slot() -> None:
     permit = started(lim, at(0.5))
     assert not lim.has_room()
     assert lim.start(at(5)) is None  # both slots taken
-    assert lim.start(at(5), need_room=False) is not None  # bounded by the semaphore only
     lim.finish(at(6), permit, Verdict.ANSWERED)
-    assert lim.in_flight == 2
+    assert lim.in_flight == 1 and lim.has_room()
+    assert lim.start(at(6)) is not None
 
 
 def test_retry_after_holds_the_whole_provider() -> None:

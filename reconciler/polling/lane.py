@@ -134,8 +134,3 @@ class Lane:
         self._stopping = True
         for wake in self._waiters:
             wake.set()
-
-    @property
-    def waiting(self) -> int:
-        """Batches waiting here for their turn."""
-        return len(self._waiters)
