@@ -16,9 +16,27 @@
     └── SignatureError              a provider signature that does not verify
 
 Messages never contain secrets: provider bodies echoed here are truncated by `excerpt`.
+
+Each `ProviderError` class is also the one classification of a failed poll, read by
+everyone who acts on one: `verdict` (what it says about the provider as a whole: the loop's
+limits), `outcome` (its `reconciler_polls` label) and `delay` (when the provider said to try
+again). Nobody else maps error classes to behaviour.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+
+class Verdict(enum.Enum):
+    """What the end of one exchange with a provider says about that provider."""
+
+    ANSWERED = "answered"  # it answered, if only "no such task": the provider works
+    FAILED = "failed"  # 5xx, timeout, an answer we cannot read: backoff, and the breaker
+    RATE_LIMITED = "rate_limited"  # 429: the whole provider waits
+    REJECTED = "rejected"  # credentials, balance, allow-list: the provider is paused
+    ABANDONED = "abandoned"  # no verdict: held back mid-way, or shutting down
 
 
 class ReconcilerError(Exception):
@@ -38,27 +56,34 @@ class MigrationError(StoreError):
 
 
 class ProviderError(ReconcilerError):
-    pass
+    verdict: ClassVar[Verdict] = Verdict.FAILED
+    outcome: ClassVar[str] = "error"
+    delay: float | None = None  # seconds the provider asked us to wait, when it said
 
 
 class TemporaryError(ProviderError):
+    outcome = "temporaryerror"
+
     def __init__(self, message: str, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
 
 
 class RateLimited(TemporaryError):
+    verdict = Verdict.RATE_LIMITED
+    outcome = "ratelimited"
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message, delay=retry_after)
         self.retry_after = retry_after
 
 
 class ServerError(TemporaryError):
-    pass
+    outcome = "servererror"
 
 
 class Timeout(TemporaryError):
-    pass
+    outcome = "timeout"
 
 
 class PermanentError(ProviderError):
@@ -66,15 +91,17 @@ class PermanentError(ProviderError):
 
 
 class AuthRejected(PermanentError):
-    pass
+    verdict = Verdict.REJECTED
+    outcome = "auth_rejected"
 
 
 class NotFound(PermanentError):
-    pass
+    verdict = Verdict.ANSWERED
+    outcome = "not_found"
 
 
 class BadPayload(PermanentError):
-    pass
+    outcome = "malformed"
 
 
 class SignatureError(ReconcilerError):

@@ -22,9 +22,14 @@ from reconciler.model import Commit
 
 
 class Alarm:
-    """The reconciler loop's wake-up. Anyone may say "a poll is due at `when`"; it rings
-    when that is before the loop's next look at the schedule (`next_look`, which the loop
-    sets: None while it is about to read the schedule, so that any new time rings)."""
+    """The reconciler loop's wake-up, rung by commits. A commit that planned a poll at
+    `when` (its `earliest_due`) rings it when that is before the loop's next look at the
+    schedule, so a registration, a webhook or "poll now" never waits for a pass that was
+    not coming, and one that plans a later poll costs the loop nothing.
+
+    The loop keeps `next_look` current: `reset(start)` as a pass begins (meanwhile only a
+    poll planned before its start rings), None while it reads the schedule (any poll
+    rings), then the time it sleeps until. `stop()` of the loop rings it to end the sleep."""
 
     def __init__(self) -> None:
         self.rung = asyncio.Event()
@@ -36,6 +41,12 @@ class Alarm:
 
     def ring(self) -> None:
         self.rung.set()
+
+    def reset(self, next_look: datetime | None) -> None:
+        """A pass starts at `next_look`: it sees every poll due by then, so earlier rings
+        are spent; during it, only a poll planned before its start rings."""
+        self.rung.clear()
+        self.next_look = next_look
 
 
 class Feed:

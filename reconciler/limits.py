@@ -15,8 +15,11 @@ schedule (`service`/`schedule`), and HTTP.
   the cool-down ends, where one probe decides: success closes it, failure reopens it with
   a doubled cool-down.
 - `ProviderLimits`: one provider's bucket, concurrency, Retry-After block, breaker and auth
-  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, outcome)` around each
-  batch exchange.
+  pause, combined into `ready_at(now)` and `start(now)` / `finish(now, permit, verdict)`
+  around each batch exchange. A pause is probed once a minute.
+
+Holds live here, in memory, and nowhere else: not in the tasks' schedules. A restart starts
+every provider fresh, and its first exchange is the probe.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from reconciler.config import ProviderSettings
+from reconciler.errors import Verdict
 
 # A 429 without Retry-After blocks the provider this long, doubling while they keep coming.
 RATE_LIMIT_BACKOFF_SECONDS = 1.0
 RATE_LIMIT_BACKOFF_MAX_SECONDS = 60.0
-# Rejected credentials are rarely fixed within seconds: probe again every few minutes.
-PAUSE_SECONDS = 300.0
+# Rejected credentials: one probe a minute notices access that came back (a fixed key, a
+# topped-up balance) soon, and costs the provider one request a minute meanwhile.
+PAUSE_SECONDS = 60.0
+# Holds (Retry-After, an open breaker, a pause) are the provider's state, in memory here:
+# the tasks they meet are handed back due when the hold ends, but never further ahead than
+# this, so a restart (which forgets every hold) finds no task planned behind one for longer.
+RECHECK_SECONDS = 60.0
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN_SECONDS = 30.0
 BREAKER_COOLDOWN_MAX_SECONDS = 600.0
@@ -125,41 +135,41 @@ class Breaker:
         self._probing = True
         return True
 
-    def ready_at(self, now: datetime, probe_seconds: float) -> datetime | None:
-        """None when `allows` would say yes; else when to ask again. A probe in flight is
-        given `probe_seconds` (its timeout) to decide."""
-        state = self.state_at(now)
-        if state is BreakerState.CLOSED:
-            return None
-        if state is BreakerState.OPEN:
-            return self.open_until
-        return after(now, probe_seconds) if self._probing else None
+    @property
+    def probing(self) -> bool:
+        """The half-open breaker's single probe is out."""
+        return self._probing
 
     def blocks(self, now: datetime) -> datetime | None:
-        """Until when an exchange already under way must not send more: only while open."""
+        """Until when the breaker holds the provider: only while open. Its probe in flight
+        is no hold with an end time: the probe's verdict ends it (see `probing`)."""
         return self.open_until if self.state_at(now) is BreakerState.OPEN else None
 
     def record_success(self, now: datetime | None = None) -> None:
+        # Any answer, the probe's or a late one, shows the provider works again.
         self._state = BreakerState.CLOSED
         self._probing = False
         self.failures = 0
         self.cooldown = self.base_cooldown
         self.open_until = None
 
-    def record_failure(self, now: datetime) -> None:
+    def record_failure(self, now: datetime, *, probe: bool = False) -> None:
+        """A failed exchange; `probe` when it was the half-open breaker's probe."""
+        if probe and self._state is BreakerState.HALF_OPEN:
+            # The probe failed: the provider is still broken, wait longer before the next.
+            self.cooldown = min(self.max_cooldown, self.cooldown * 2)
+            self._open(now)
+            return
         if self._state is BreakerState.CLOSED:
             self.failures += 1
             if self.failures >= self.threshold:
                 self._open(now)
-            return
-        if self._state is BreakerState.HALF_OPEN:
-            # The probe failed: the provider is still broken, wait longer before the next.
-            self.cooldown = min(self.max_cooldown, self.cooldown * 2)
-            self._open(now)
-        # Already open: late failures of exchanges started before it opened change nothing.
+        # Open or half-open: a late failure of an exchange started before it opened says
+        # nothing new, and must not pass for the probe's (that reopened it for twice the
+        # cool-down while the probe itself was still out).
 
     def release(self) -> None:
-        """A probe ended without a verdict (rate limited, abandoned): allow another."""
+        """The probe ended without a verdict (rate limited, abandoned): allow another."""
         self._probing = False
 
     def _open(self, now: datetime) -> None:
@@ -169,20 +179,18 @@ class Breaker:
         self.open_until = after(now, self.cooldown)
 
 
-class Outcome(enum.Enum):
-    """How one batch exchange ended, as far as the provider's health is concerned."""
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """Leave to run one batch exchange, handed back to `finish`. `probe`: this exchange is
+    the one that decides an open breaker or a credentials pause."""
 
-    SUCCESS = "success"  # an answer we could read (including "not found")
-    FAILURE = "failure"  # 5xx, timeout, transport error, unreadable answer
-    RATE_LIMITED = "rate_limited"  # 429: the whole provider waits
-    REJECTED = "rejected"  # credentials/account refused: pause the provider
-    ABANDONED = "abandoned"  # no verdict: held back mid-way, or shutting down
+    probe: bool = False
 
 
 class ProviderLimits:
-    """One provider's limits. `start(now)` before a batch exchange (False: not now, see
-    `ready_at`), `finish(now, outcome)` after it, and before each further request within
-    it `stopped_until(now)` (give up) and `take_turn(now)` (wait for a token)."""
+    """One provider's limits. `start(now)` before a batch exchange (None: not now, see
+    `ready_at`), `finish(now, permit, verdict)` after it, and before each further request
+    within it `stopped_until(now)` (give up) and `take_turn(now)` (wait for a token)."""
 
     def __init__(
         self,
@@ -191,7 +199,6 @@ class ProviderLimits:
         concurrency: int,
         *,
         burst: float = 1.0,
-        probe_seconds: float = 30.0,
         pause_seconds: float = PAUSE_SECONDS,
         breaker: Breaker | None = None,
     ) -> None:
@@ -202,7 +209,6 @@ class ProviderLimits:
         self.semaphore = asyncio.Semaphore(concurrency)
         self.in_flight = 0  # batch exchanges started and not finished
         self.breaker = breaker or Breaker()
-        self.probe_seconds = probe_seconds
         self.pause_seconds = pause_seconds
         self.blocked_until: datetime | None = None  # Retry-After, for the whole provider
         self.rate_limited_streak = 0
@@ -212,66 +218,13 @@ class ProviderLimits:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> ProviderLimits:
-        return cls(
-            settings.name,
-            settings.rate_limit,
-            settings.concurrency,
-            probe_seconds=settings.request_timeout,
-        )
+        return cls(settings.name, settings.rate_limit, settings.concurrency)
 
     # --- questions -----------------------------------------------------------------------
 
     def held_until(self, now: datetime) -> datetime | None:
-        """Until when nothing at all may be sent (Retry-After, pause, open breaker)."""
-        times = []
-        if self.blocked_until is not None and now < self.blocked_until:
-            times.append(self.blocked_until)
-        if self.paused is not None and self.paused_until is not None:
-            if now < self.paused_until:
-                times.append(self.paused_until)
-            elif self._pause_probing:
-                times.append(after(now, self.probe_seconds))
-        breaker = self.breaker.ready_at(now, self.probe_seconds)
-        if breaker is not None:
-            times.append(breaker)
-        return max(times) if times else None
-
-    def ready_at(self, now: datetime) -> datetime | None:
-        """None when a batch may start now; else the earliest time one might."""
-        held = self.held_until(now)
-        token = self.bucket.ready_at(held or now)
-        if held is None and token <= now:
-            return None
-        return max(token, held or now)
-
-    def has_room(self) -> bool:
-        return self.in_flight < self.concurrency
-
-    def slot_at(self, now: datetime, position: int) -> datetime:
-        """When the batch `position` places back in this provider's queue (0: next) may
-        start, pacing the queue at `rate` from the moment the provider is free again."""
-        start = self.held_until(now) or now
-        return self.bucket.ready_at(start, position + 1)
-
-    # --- one batch exchange --------------------------------------------------------------
-
-    def start(self, now: datetime, *, need_room: bool = True) -> bool:
-        """Begin a batch exchange now if allowed: takes a token and, after an open breaker
-        or a pause, makes this exchange the probe."""
-        if self.ready_at(now) is not None or (need_room and not self.has_room()):
-            return False
-        if not self.breaker.allows(now):
-            return False
-        if self.paused is not None:
-            self._pause_probing = True
-        self.bucket.take(now)
-        self.in_flight += 1
-        return True
-
-    def stopped_until(self, now: datetime) -> datetime | None:
-        """Until when an exchange already under way must send nothing more (Retry-After,
-        pause, open breaker); None when it may carry on. A half-open breaker does not stop
-        the probe that is under way."""
+        """Until when nothing at all may be sent: Retry-After, an open breaker, a pause
+        before its next probe. A probe in flight is not a hold: see `probing`."""
         times = [
             until
             for until in (
@@ -283,6 +236,61 @@ class ProviderLimits:
         ]
         return max(times) if times else None
 
+    @property
+    def probing(self) -> bool:
+        """A probe is out (after an open breaker or a pause): nothing else starts until its
+        verdict, which may come any moment, so it is waited for, not timed."""
+        return self.breaker.probing or self._pause_probing
+
+    def ready_at(self, now: datetime) -> datetime | None:
+        """None when a batch may start now as far as time goes (room and a probe in flight
+        permitting: both end with an exchange, not at a time); else the earliest it might."""
+        held = self.held_until(now)
+        token = self.bucket.ready_at(held or now)
+        if held is None and token <= now:
+            return None
+        return max(token, held or now)
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.concurrency
+
+    def resume_at(self, now: datetime) -> datetime:
+        """When to try this provider again: the end of its hold, at most `RECHECK_SECONDS`
+        away (a longer hold is looked at again then, and found still standing)."""
+        held = self.held_until(now)
+        return now if held is None else min(held, after(now, RECHECK_SECONDS))
+
+    def slot_at(self, now: datetime, position: int) -> datetime:
+        """When the batch `position` places back in this provider's queue (0: next) may
+        start: paced at `rate` from `resume_at` (with a probe out, from now: a probe usually
+        answers within the second), and never before `position + 1` tokens from now, so
+        that a provider whose exchanges are all in flight is not asked again at once."""
+        paced = self.bucket.ready_at(self.resume_at(now), position + 1)
+        return max(paced, after(now, (position + 1) / self.bucket.rate))
+
+    # --- one batch exchange --------------------------------------------------------------
+
+    def start(self, now: datetime) -> Permit | None:
+        """Begin a batch exchange now if allowed: takes a token and, after an open breaker
+        or a pause, makes this exchange the probe."""
+        if self.ready_at(now) is not None or self.probing or not self.has_room():
+            return None
+        half_open = self.breaker.state_at(now) is BreakerState.HALF_OPEN
+        if not self.breaker.allows(now):
+            return None
+        probe = half_open
+        if self.paused is not None:
+            self._pause_probing = probe = True
+        self.bucket.take(now)
+        self.in_flight += 1
+        return Permit(probe)
+
+    def stopped_until(self, now: datetime) -> datetime | None:
+        """Until when an exchange already under way must send nothing more (Retry-After,
+        pause, open breaker); None when it may carry on. A half-open breaker does not stop
+        the probe that is under way."""
+        return self.held_until(now)
+
     def take_turn(self, now: datetime) -> datetime | None:
         """A token for a further request of an exchange under way: None when taken, else
         when to try again."""
@@ -292,27 +300,28 @@ class ProviderLimits:
     def finish(
         self,
         now: datetime,
-        outcome: Outcome,
+        permit: Permit,
+        verdict: Verdict,
         *,
         retry_after: float | None = None,
         reason: str | None = None,
     ) -> datetime | None:
         """Record how an exchange ended. Returns until when the provider is now held
-        (Retry-After or pause), for backing the exchange's tasks off to that time."""
+        (Retry-After or pause), for handing the exchange's tasks back to that time."""
         self.in_flight = max(0, self.in_flight - 1)
-        if outcome is Outcome.SUCCESS:
+        if permit.probe:
+            self._pause_probing = False
+        if verdict is Verdict.ANSWERED:
             self.breaker.record_success(now)
             self.rate_limited_streak = 0
             self.paused = self.paused_until = None
-            self._pause_probing = False
             return None
-        if outcome is Outcome.FAILURE:
-            self.breaker.record_failure(now)
-            self._pause_probing = False
+        if verdict is Verdict.FAILED:
+            self.breaker.record_failure(now, probe=permit.probe)
             return None
-        self.breaker.release()
-        self._pause_probing = False
-        if outcome is Outcome.RATE_LIMITED:
+        if permit.probe:
+            self.breaker.release()
+        if verdict is Verdict.RATE_LIMITED:
             if retry_after is None:
                 retry_after = min(
                     RATE_LIMIT_BACKOFF_MAX_SECONDS,
@@ -322,7 +331,7 @@ class ProviderLimits:
             until = after(now, retry_after)
             self.blocked_until = max(until, self.blocked_until or until)
             return self.blocked_until
-        if outcome is Outcome.REJECTED:
+        if verdict is Verdict.REJECTED:
             self.paused = reason or "credentials rejected"
             self.paused_until = after(now, self.pause_seconds)
             return self.paused_until

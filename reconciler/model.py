@@ -252,6 +252,18 @@ class Outcome(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event of the log as read: `body` is its JSON text exactly as served (SPEC §2's
+    event object, `seq` included), spliced into answers rather than re-encoded."""
+
+    seq: int
+    provider: str
+    task_id: str
+    type: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     id: int
     provider: str

@@ -28,7 +28,7 @@ from reconciler.feed import Feed
 from reconciler.metrics import Metrics
 from reconciler.model import Commit
 from reconciler.providers import PROVIDERS, Provider
-from reconciler.reconciler import Reconciler
+from reconciler.reconciler import Health, Reconciler
 from reconciler.service import Service
 from reconciler.store import Store, open_store
 
@@ -64,9 +64,12 @@ async def open_runtime(
     async with open_store(settings.database_url, on_commit=on_commit) as store:
         feed.publish(Commit(await store.last_seq()))
         providers = build_providers(settings, clock)
-        service = Service(settings, store, providers, clock, feed, metrics, rng)
-        async with Reconciler(service, providers, clock) as reconciler:
-            service.poller = reconciler.poll_task
+        # The loop's account of itself: it writes it, the service only reads it.
+        health = Health()
+        service = Service(settings, store, providers, clock, feed, metrics, rng, health)
+        async with Reconciler(
+            service, providers, clock, alarm=feed.alarm, metrics=metrics, health=health
+        ) as reconciler:
             yield Runtime(settings, store, feed, service, reconciler, create_app(service))
 
 

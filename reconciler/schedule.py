@@ -1,8 +1,10 @@
 """Pure poll timing (SPEC §3): when a task is next due, and when to give up on it.
 
-Every function takes `now` and returns the next `next_poll_at` (never later than the task's
-deadline, so one index on `next_poll_at` also finds the tasks to expire). Jitter comes from
-a caller-supplied random source so that tests are deterministic.
+Every function takes `now` and returns the next `next_poll_at`, never later than the task's
+deadline: one index on `next_poll_at` also finds the tasks that reach it, and each of those
+gets a last poll there before it may expire. (Only a task already past its deadline, handed
+back while its provider paces requests, waits a little beyond it for that last poll.)
+Jitter comes from a caller-supplied random source so that tests are deterministic.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from reconciler.model import Task
 
 BACKOFF_BASE_SECONDS = 15.0
 JITTER = 0.2  # ±20%: tasks registered together do not stay in lock-step
+# A success without a result URL is looked at again soon (the URL usually follows within
+# seconds), and never later than the backoff's cap.
 RESULT_MISSING_RETRY_SECONDS = 10.0
 
 
@@ -68,7 +72,8 @@ def after_poll(task: Task, now: datetime, timing: Timing, rng: random.Random) ->
     if task.terminal:
         return None
     if task.result_missing_since is not None:
-        return _at(task, now + timedelta(seconds=RESULT_MISSING_RETRY_SECONDS))
+        seconds = min(RESULT_MISSING_RETRY_SECONDS, timing.poll_interval_max)
+        return _at(task, now + timedelta(seconds=seconds))
     return _at(task, now + timedelta(seconds=backoff(max(task.polls, 1), timing, rng)))
 
 
@@ -99,3 +104,10 @@ def result_missing_expired(task: Task, now: datetime, timing: Timing) -> bool:
 
 def past_deadline(task: Task, now: datetime) -> bool:
     return not task.terminal and now >= task.deadline_at
+
+
+def handed_back(task: Task, now: datetime, until: datetime) -> datetime:
+    """When a task the loop could not poll now (its provider's limits) is due again: at
+    `until`, but not past its deadline, so that it still gets its last look there; a task
+    already at its deadline waits for `until` itself (its last look, at the provider's pace)."""
+    return until if now >= task.deadline_at else min(until, task.deadline_at)

@@ -1,9 +1,15 @@
-"""Use cases: ingest a webhook, register a task, settle a poll, read tasks and events.
+"""Use cases: ingest a webhook, register a task, settle a poll, poll now, read tasks and
+events.
 
 This is where the pure rules (`state`, `schedule`), the adapters (`providers`) and the
 store meet. The API and the reconciler loop call only this module; neither touches the store
 or an adapter's parsing directly. Every write is one `store.apply`/`store.ingest` whose
 `decide` closure is pure, so the store can batch it into a group commit.
+
+The service does not drive the loop. Every commit tells the feed the earliest poll it
+planned, and the feed's alarm wakes the loop (on whichever replica runs it); "poll now" is
+such a commit plus a wait for the task to change. What the loop says about itself
+(`LoopHealth`) is the loop's own, read here for `/readyz`, `/metrics` and `/stats`.
 """
 
 from __future__ import annotations
@@ -15,26 +21,21 @@ import json
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from reconciler import codec, schedule
 from reconciler.clock import Clock
 from reconciler.config import MAX_DURATION_SECONDS, Settings
-from reconciler.errors import (
-    AuthRejected,
-    BadPayload,
-    NotFound,
-    ProviderError,
-    ReconcilerError,
-    TemporaryError,
-)
+from reconciler.errors import BadPayload, ProviderError, ReconcilerError, Verdict
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
 from reconciler.model import (
     Change,
+    EventRow,
     EventType,
     Observation,
     Source,
@@ -50,7 +51,6 @@ from reconciler.state import Registration, expire, fail, merge, new_task, regist
 from reconciler.store import Store
 from reconciler.store.base import (
     Accepted,
-    EventRow,
     IngestResult,
     ListPosition,
     NewDelivery,
@@ -91,13 +91,34 @@ class UnknownTask(ReconcilerError):
     pass
 
 
-@dataclass
-class Health:
-    """What the reconciler loop reports about itself, read by `/readyz` and `/metrics`."""
+# The longest "poll now" waits for its answer (as `GET /tasks/…?wait=` at most).
+POLL_NOW_MAX_WAIT_SECONDS = 60.0
+
+
+class LoopHealth(Protocol):
+    """What the reconciler loop says about itself. The loop owns and writes it; the service
+    and, through it, `/readyz`, `/metrics` and `/stats` only read it."""
+
+    @property
+    def loop_running(self) -> bool: ...
+
+    @property
+    def paused(self) -> Mapping[str, str]: ...  # provider -> why (credentials rejected)
+
+    @property
+    def breakers_open(self) -> AbstractSet[str]: ...
+
+    @property
+    def lag_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NoLoop:
+    """The health of a service with no loop attached (tools, and tests of the API alone)."""
 
     loop_running: bool = False
-    paused: dict[str, str] = field(default_factory=dict)  # provider -> why (auth rejected)
-    breakers_open: set[str] = field(default_factory=set)
+    paused: Mapping[str, str] = field(default_factory=dict)
+    breakers_open: AbstractSet[str] = frozenset()
     lag_seconds: float = 0.0
 
 
@@ -157,6 +178,7 @@ class Service:
         feed: Feed,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
+        health: LoopHealth | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -166,15 +188,11 @@ class Service:
         self.metrics = metrics or Metrics()
         self.rng = rng or random.Random()
         self.timings = {name: Timing.of(p.settings) for name, p in providers.items()}
-        # Set when a registration or webhook may have moved the earliest due poll.
-        self.wakeup = asyncio.Event()
-        # When the loop will look at the schedule again by itself (None: it may not, so
-        # any new poll time wakes it). Set by the loop; lets a webhook that plans a poll
-        # later than that leave the loop asleep instead of costing it a pass.
-        self.loop_wakes_at: datetime | None = None
-        # Installed by the runtime: polls one task now (the loop owns provider I/O).
-        self.poller: Callable[[Task], Awaitable[None]] | None = None
-        self.health = Health()
+        self._health: LoopHealth = health or NoLoop()
+
+    @property
+    def health(self) -> LoopHealth:
+        return self._health
 
     # --- webhooks ----------------------------------------------------------------------
 
@@ -192,15 +210,7 @@ class Service:
         )
         result = await self.store.ingest(delivery, self.interpret)
         self.metrics.delivered(provider, result.outcome.value)
-        self._nudge(result.task)
         return result
-
-    def _nudge(self, task: Task | None) -> None:
-        """Wake the loop if `task` is now due before the loop would look again."""
-        if task is None or task.next_poll_at is None:
-            return
-        if self.loop_wakes_at is None or task.next_poll_at < self.loop_wakes_at:
-            self.wakeup.set()
 
     def interpret(self, delivery: NewDelivery) -> Accepted | Rejected:
         """Pure: what a stored delivery says, as a decision for the store to apply."""
@@ -322,7 +332,6 @@ class Service:
             task = await self.store.get_task(request.ref)
             assert task is not None
             return task, False
-        self._nudge(result.task)
         return result.task, result.created
 
     # --- polling (called by the reconciler loop) ---------------------------------------
@@ -343,42 +352,49 @@ class Service:
         now = self.clock.now()
         ref = task.ref
         timing = self.timings[ref.provider]
-        outcome = "observed" if result.observation else _error_word(result.error)
+        outcome = result.error.outcome if result.error is not None else "observed"
         self.metrics.polls.labels(ref.provider, outcome).inc()
 
         def decide(current: Task | None) -> Change | None:
             if current is None or current.terminal:
                 return None
-            if schedule.past_deadline(current, now):
-                return self._planned(expire(current, now) or Change(current, None), None)
+            # The answer first, then the deadline: a poll at the deadline is the task's last
+            # look, and a video finished by then is kept rather than thrown away as expired.
             if result.observation is not None:
-                return self._observe(ref, current, result.observation, Source.POLL, now)
-            counted = current.replace(
-                polls=current.polls + 1,
-                version=current.version + 1,
-                poll_failures=current.poll_failures + 1,
-            )
-            if isinstance(result.error, NotFound):
-                if schedule.not_found_expired(current, now, timing):
-                    failed = fail(counted, now, NOT_FOUND_ERROR)
-                    return self._planned(failed or Change(counted, None), None)
-                next_at = schedule.after_not_found(counted, now, timing, self.rng)
-                return self._planned(Change(counted, None), next_at)
-            delay = result.error.delay if isinstance(result.error, TemporaryError) else None
-            next_at = schedule.after_error(current, now, timing, self.rng, delay)
-            return self._planned(Change(counted, None), next_at)
+                change = self._observe(ref, current, result.observation, Source.POLL, now)
+            else:
+                change = self._task_error(current, result.error, now, timing)
+            return _expired_at_deadline(current, change, now)
 
         applied = await self.store.apply([ref], decide)
         return applied.task
 
-    async def poll_failed(
-        self, tasks: Sequence[Task], error: ProviderError, delay: float | None = None
-    ) -> None:
-        """A whole exchange failed: back each task off (by `delay` when the provider said)."""
+    def _task_error(
+        self, current: Task, error: ProviderError | None, now: datetime, timing: Timing
+    ) -> Change:
+        """A poll whose answer concerned this task but carried no observation of it."""
+        counted = current.replace(
+            polls=current.polls + 1,
+            version=current.version + 1,
+            poll_failures=current.poll_failures + 1,
+        )
+        if error is not None and error.verdict is Verdict.ANSWERED:  # unknown there (yet)
+            if schedule.not_found_expired(current, now, timing):
+                failed = fail(counted, now, NOT_FOUND_ERROR)
+                return self._planned(failed or Change(counted, None), None)
+            next_at = schedule.after_not_found(counted, now, timing, self.rng)
+            return self._planned(Change(counted, None), next_at)
+        delay = error.delay if error is not None else None
+        next_at = schedule.after_error(current, now, timing, self.rng, delay)
+        return self._planned(Change(counted, None), next_at)
+
+    async def poll_failed(self, tasks: Sequence[Task], error: ProviderError) -> list[Task | None]:
+        """A whole exchange failed: back each task off (by the error's `delay` when the
+        provider said). Returns the tasks as written (None for those gone or terminal)."""
+        delay = error.delay
         now = self.clock.now()
-        word = _error_word(error)
         for task in tasks:
-            self.metrics.polls.labels(task.provider, word).inc()
+            self.metrics.polls.labels(task.provider, error.outcome).inc()
         timing_of = self.timings
 
         def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
@@ -389,34 +405,80 @@ class Service:
                 failures = current.poll_failures + 1
                 counted = current.replace(poll_failures=failures, version=current.version + 1)
                 next_at = schedule.after_error(current, now, timing, self.rng, delay)
-                return self._planned(Change(counted, None), next_at)
+                # A failed last look is the end: planned at the deadline, it would be due
+                # again at once, and polled again, for as long as the provider fails.
+                planned = self._planned(Change(counted, None), next_at)
+                return _expired_at_deadline(current, planned, now)
 
             return decide
 
-        await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
+        applied = await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
+        return [result.task for result in applied]
 
-    async def defer(self, tasks: Sequence[Task], until: datetime) -> None:
-        """Hand leased tasks back due at `until` (never past their deadline) without counting
+    async def defer(
+        self, tasks: Sequence[Task], until: datetime, *, met: ProviderError | None = None
+    ) -> None:
+        """Hand leased tasks back due at `until` (see `schedule.handed_back`) without counting
         a failed poll: the loop held them for a provider's own limits (rate, Retry-After,
-        breaker, pause), not because anything went wrong with them."""
+        breaker, pause), not because anything went wrong with them. `met`: the provider-wide
+        answer their exchange got (429, 401), counted as their poll's outcome."""
+        now = self.clock.now()
+        if met is not None:
+            for task in tasks:
+                self.metrics.polls.labels(task.provider, met.outcome).inc()
 
         def hold(current: Task | None) -> Change | None:
             if current is None or current.terminal:
                 return None
-            return Change(current.replace(next_poll_at=min(until, current.deadline_at)), None)
+            due = schedule.handed_back(current, now, until)
+            return Change(current.replace(next_poll_at=due), None)
 
         await asyncio.gather(*(self.store.apply([t.ref], hold) for t in tasks))
 
     async def poll_now(self, ref: TaskRef) -> Task:
+        """`POST /tasks/…/poll`: make the task due now and wait for it to change. The commit
+        wakes the loop (the feed's alarm, on whichever replica runs it), which polls the
+        task within its provider's limits. The task is answered as it is when its provider
+        is not configured for polling or known to be held, or when the wait (twice the
+        provider's request timeout, at most a minute) ends first."""
+        task = await self._known(ref)
+        adapter = self.providers.get(ref.provider)
+        health = self.health
+        if (
+            task.terminal
+            or adapter is None
+            or not adapter.settings.configured
+            or ref.provider in health.paused
+            or ref.provider in health.breakers_open
+        ):
+            return task  # nobody to ask now
+        now = self.clock.now()
+
+        def due_now(current: Task | None) -> Change | None:
+            if current is None or current.terminal:
+                return None
+            return Change(current.replace(next_poll_at=now), None)
+
+        made = (await self.store.apply([ref], due_now)).task
+        if made is None:  # it became terminal meanwhile
+            return await self._known(ref)
+        seconds = min(POLL_NOW_MAX_WAIT_SECONDS, 2 * adapter.settings.request_timeout)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            seen = self.feed.commits
+            current = await self._known(ref)
+            remaining = deadline - asyncio.get_running_loop().time()
+            # The schedule's own writes (due now, the lease, a hand-back) keep the version;
+            # a poll's result, or a webhook meanwhile, moves it.
+            if current.version != made.version or current.terminal or remaining <= 0:
+                return current
+            await self.feed.wait_commit(seen, remaining)
+
+    async def _known(self, ref: TaskRef) -> Task:
         task = await self.store.get_task(ref)
-        if task is None:
+        if task is None:  # pruned, or never there
             raise UnknownTask(f"no task {ref}")
-        if task.terminal or self.poller is None:
-            return task
-        await self.poller(task)
-        fresh = await self.store.get_task(ref)
-        assert fresh is not None
-        return fresh
+        return task
 
     # --- reads -------------------------------------------------------------------------
 
@@ -506,6 +568,17 @@ class Service:
         return Overview(counts, settled, lag, await self.store.last_seq())
 
 
+def _expired_at_deadline(before: Task, change: Change | None, now: datetime) -> Change | None:
+    """`change`, unless it leaves the task running at or past its deadline: then the task
+    expires, with what the change learnt kept (provider status, progress)."""
+    if change is None or change.task.terminal or not schedule.past_deadline(change.task, now):
+        return change
+    expired = expire(change.task, now)
+    assert expired is not None
+    # One event for the pair: the expiry, from the status the task had before this change.
+    return Service._planned(Change(expired.task, expired.event, before.status), None)
+
+
 def _maybe(
     task: Task | None, rule: Callable[[Task, datetime], Change | None], now: datetime
 ) -> Change | None:
@@ -513,18 +586,6 @@ def _maybe(
         return None
     change = rule(task, now)
     return None if change is None else Service._planned(change, None)
-
-
-def _error_word(error: ProviderError | None) -> str:
-    if isinstance(error, NotFound):
-        return "not_found"
-    if isinstance(error, AuthRejected):
-        return "auth_rejected"
-    if isinstance(error, BadPayload):
-        return "malformed"
-    if isinstance(error, TemporaryError):
-        return type(error).__name__.lower()
-    return "error"
 
 
 def _encode_cursor(position: ListPosition) -> str:

@@ -16,11 +16,8 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
-
-import pytest
 
 from reconciler.clock import FakeClock
 from reconciler.model import TaskRef
@@ -72,32 +69,6 @@ MAX_STEPS = 3000
 REAL_SECONDS = 50.0  # the whole drive, hung requests included
 TERMINAL_EVENTS = {"task.completed", "task.failed", "task.expired"}
 ORDER = {"submitted": 0, "processing": 1, "completed": 2, "failed": 2, "expired": 2}
-
-
-class JumpingClock(FakeClock):
-    """A FakeClock whose `sleep_until(when)` moves time to `when` instead of waiting.
-
-    Inside `run_once()` the only sleepers are an exchange's waits for its provider's next
-    token (Kling's query, then its list): moving the clock there is what a discrete-event
-    simulation does, and keeps the pass from waiting on the test that awaits the pass.
-    """
-
-    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
-        if when is None or wake.is_set():
-            await super().sleep_until(when, wake)
-        elif when > self.now():
-            self.set(when)
-
-
-@pytest.fixture
-def clock() -> JumpingClock:
-    return JumpingClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=20, faults=FAULTS).serve() as served:
-        yield served
 
 
 async def create_and_register(sim: Simulator, served: Served) -> list[TaskRef]:
@@ -159,8 +130,9 @@ async def test_every_fault_at_20_percent(
     clock: FakeClock, sim: Simulator, start_service: StartService
 ) -> None:
     started = time.monotonic()
-    served = await start_service({**sim.environ(), **ENV}, clock)
-    served.runtime.service.rng = random.Random(20)  # the schedule's jitter, reproducible
+    sim.faults = FAULTS
+    # The schedule's jitter, reproducible.
+    served = await start_service({**sim.environ(), **ENV}, clock, random.Random(20))
     refs = await create_and_register(sim, served)
     assert len(refs) == 50
 

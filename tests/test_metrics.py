@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-
-import pytest
 
 from reconciler.clock import FakeClock
 from reconciler.simulator import Faults, Simulator
 from tests.conftest import StartService
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=5).serve() as served:
-        yield served
 
 
 def metric(text: str, name: str) -> float:
@@ -43,10 +34,11 @@ async def test_events_written_counts_every_appended_event(
         outcome="completed",
         finish_after=5,
     )
+    running = sim.create_task("kie", action="jobs", finish_after=1000)  # its last look: running
     for body in (
         {"provider": "acedata", "task_id": polled.task_id},
         {"provider": "kie", "task_id": called.task_id, "action": "jobs"},
-        {"provider": "kling", "task_id": "expires-soon", "deadline_seconds": 1},
+        {"provider": "kie", "task_id": running.task_id, "action": "jobs", "deadline_seconds": 1},
         {"provider": "gateway", "task_id": "nowhere-at-the-provider"},
     ):
         assert (await client.post("/tasks", json=body)).status_code == 201
@@ -57,5 +49,6 @@ async def test_events_written_counts_every_appended_event(
     log = (await client.get("/events", params={"limit": 1000})).json()
     sources = {event["source"] for event in log["events"]}
     assert {"register", "webhook", "poll", "reconciler"} <= sources
+    assert "task.expired" in {event["type"] for event in log["events"]}
     text = (await client.get("/metrics")).text
     assert metric(text, "reconciler_events_written_total") == log["last_seq"] == len(log["events"])

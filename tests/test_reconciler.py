@@ -1,10 +1,11 @@
 """The reconciler loop against the provider simulator, over real HTTP on 127.0.0.1.
 
-Time is one FakeClock shared by the simulator, the adapters, the service and the loop. Most
+Time is one clock shared by the simulator, the adapters, the service and the loop. Most
 tests drive the loop with `run_once()` and move the clock to the next due time themselves
-(`drive`), like a discrete-event simulation; one runs `run()` as a task and waits on the
-event feed. Callbacks, where a test wants them, go from the simulator to a small Starlette
-receiver that hands them to `service.ingest`. Nothing sleeps.
+(`drive`), like a discrete-event simulation; the tests of `run()` run it as a task and move
+a plain FakeClock to the next moment something waits for. The service runs as `serve` starts
+it, so callbacks, where a test wants them, go from the simulator to its callback endpoint.
+Nothing sleeps.
 """
 
 from __future__ import annotations
@@ -14,93 +15,53 @@ import contextlib
 import logging
 import math
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from reconciler.clock import FakeClock
-from reconciler.config import Settings
 from reconciler.feed import Feed
-from reconciler.limits import BreakerState
-from reconciler.model import Commit, Observation, Source, Status, Task, TaskRef
-from reconciler.providers import PROVIDERS, PollResult
+from reconciler.limits import (
+    BREAKER_COOLDOWN_SECONDS,
+    BREAKER_THRESHOLD,
+    PAUSE_SECONDS,
+    RECHECK_SECONDS,
+    BreakerState,
+)
+from reconciler.model import Observation, Source, Status, Task, TaskRef
+from reconciler.providers import PollResult
 from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
-from reconciler.store.sqlite import SQLiteStore
-from tests.conftest import StartService
+from reconciler.simulator import auth as sim_auth
+from tests.conftest import Served, StartService, serve
 
 FIRST_POLL_AFTER = 60.0
-
-
-class JumpingClock(FakeClock):
-    """A FakeClock whose `sleep_until(when)` moves time to `when` instead of waiting.
-
-    Under `run_once()` the only sleepers are the loop's own waits for a provider's token
-    within an exchange (e.g. Kling's query, then its list): jumping to the promised time is
-    what a discrete-event simulation does, and keeps the pass from waiting for a test that
-    is itself waiting for the pass.
-    """
-
-    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
-        if when is None or wake.is_set():
-            await super().sleep_until(when, wake)
-        elif when > self.now():
-            self.set(when)
-
-
-class Sink:
-    """The application's callback endpoint: every POST goes to `service.ingest`."""
-
-    def __init__(self) -> None:
-        self.service: Service | None = None
-        self.base = ""
-
-    def url(self, provider: str) -> str:
-        return f"{self.base}/callbacks/{provider}"
-
-    async def endpoint(self, request: Request) -> Response:
-        assert self.service is not None
-        provider = request.path_params["provider"]
-        await self.service.ingest(provider, dict(request.headers), await request.body())
-        return Response(status_code=200)
-
-
-@contextlib.asynccontextmanager
-async def serve_sink() -> AsyncIterator[Sink]:
-    sink = Sink()
-    app = Starlette(routes=[Route("/callbacks/{provider}", sink.endpoint, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    sink.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield sink
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
 
 
 @dataclass
 class Harness:
     clock: FakeClock
     sim: Simulator
-    feed: Feed
-    store: SQLiteStore
-    service: Service
-    loop: Reconciler
+    served: Served
+
+    @property
+    def feed(self) -> Feed:
+        return self.served.runtime.feed
+
+    @property
+    def service(self) -> Service:
+        return self.served.service
+
+    @property
+    def loop(self) -> Reconciler:
+        return self.served.loop
+
+    def callback_url(self, provider: str) -> str:
+        return f"{self.served.url}/callbacks/{provider}"
 
     async def task(self, provider: str, task_id: str) -> Task:
         task = await self.service.get_task(TaskRef(provider, task_id))
@@ -117,28 +78,17 @@ async def harness(
     clock: FakeClock,
     sim: Simulator,
     env: dict[str, str] | None = None,
-    sink: Sink | None = None,
     db: str = "db.sqlite",
 ) -> AsyncIterator[Harness]:
     environ = {
         **sim.environ(),
-        "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path / db}",
         "RECONCILER_FIRST_POLL_AFTER": str(FIRST_POLL_AFTER),
         "RECONCILER_RATE_LIMIT": "20",
         "RECONCILER_REQUEST_TIMEOUT": "5",
         **(env or {}),
     }
-    settings = Settings.from_environ(environ)
-    feed = Feed()
-    async with SQLiteStore(tmp_path / db, on_commit=feed.publish) as store:
-        feed.publish(Commit(await store.last_seq()))
-        providers = {name: cls(settings.providers[name], clock) for name, cls in PROVIDERS.items()}
-        service = Service(settings, store, providers, clock, feed, rng=random.Random(0))
-        if sink is not None:
-            sink.service = service
-        async with Reconciler(service, providers, clock) as loop:
-            service.poller = loop.poll_task
-            yield Harness(clock, sim, feed, store, service, loop)
+    async with serve(tmp_path / db, environ, clock, rng=random.Random(0)) as served:
+        yield Harness(clock, sim, served)
 
 
 async def drive(
@@ -174,17 +124,6 @@ def requests_of(sim: Simulator, provider: str) -> list[RecordedRequest]:
     return [r for r in sim.requests if r.provider == provider and r.kind != "create"]
 
 
-@pytest.fixture
-def clock() -> JumpingClock:
-    return JumpingClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=3).serve() as served:
-        yield served
-
-
 async def register(h: Harness, provider: str, task_id: str, action: str) -> tuple[str, str]:
     await h.service.register(provider, task_id, action)
     return provider, task_id
@@ -213,13 +152,13 @@ async def test_lost_callbacks_are_recovered_by_polling(
         ("kie", "veo", "completed", 120),
         ("kie", "jobs", "failed", 20),
     ]
-    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+    async with harness(tmp_path, clock, sim) as h:
         refs = []
         for provider, action, outcome, finish_after in plan:
             created = sim.create_task(
                 provider,
                 action=action,
-                callback_url=sink.url(provider),
+                callback_url=h.callback_url(provider),
                 outcome=outcome,  # type: ignore[arg-type]
                 finish_after=finish_after,
             )
@@ -247,7 +186,7 @@ async def test_lost_callbacks_are_recovered_by_polling(
 async def test_a_callback_before_the_first_due_poll_means_no_poll(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
-    async with serve_sink() as sink, harness(tmp_path, clock, sim, sink=sink) as h:
+    async with harness(tmp_path, clock, sim) as h:
         refs = []
         for provider, action in [
             ("kling", "text2video"),
@@ -255,7 +194,7 @@ async def test_a_callback_before_the_first_due_poll_means_no_poll(
             ("kie", "jobs"),
         ]:
             created = sim.create_task(
-                provider, action=action, callback_url=sink.url(provider), finish_after=20
+                provider, action=action, callback_url=h.callback_url(provider), finish_after=20
             )
             refs.append(await register(h, provider, created.task_id, action))
 
@@ -297,19 +236,50 @@ async def test_due_tasks_are_batched(tmp_path: Path, clock: FakeClock, sim: Simu
         assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
 
 
-async def test_poll_now_goes_through_the_loop(
-    tmp_path: Path, clock: FakeClock, sim: Simulator
-) -> None:
-    async with harness(tmp_path, clock, sim) as h:
+async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
+    """`POST /tasks/…/poll` is a commit (the task due now) that rings the sleeping loop's
+    alarm, and a wait for the task to change: the loop polls it, within its provider's
+    limits, and the answer is the polled task."""
+    clock = FakeClock()  # a plain one: `run()` sleeps on it until the alarm rings
+    async with Simulator(clock=clock, seed=3).serve() as sim, harness(tmp_path, clock, sim) as h:
         created = sim.create_task("acedata", finish_after=30)
         ref = await register(h, "acedata", created.task_id, "text2video")
-        clock.advance(10)  # not due yet: the API asks for it
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(10)  # not due for another 50 s: the API asks for it
+            response = await h.served.client.post(f"/tasks/acedata/{created.task_id}/poll")
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
 
-        task = await h.service.poll_now(TaskRef(*ref))
-
-        assert task.polls == 1 and task.source is Source.POLL
-        assert task.status is Status.PROCESSING and not task.terminal
+        assert response.status_code == 200, response.text
+        task = response.json()
+        assert task["polls"] == 1 and task["source"] == "poll"
+        assert task["status"] == "processing"
         assert [r.kind for r in requests_of(sim, "acedata")] == ["query"]
+        next_poll_at = (await h.task(*ref)).next_poll_at
+        assert next_poll_at is not None and next_poll_at > clock.now()  # back on its schedule
+
+
+async def test_poll_now_answers_at_once_for_a_held_provider_and_waits_boundedly(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    env = {"ACEDATA_API_TOKEN": "wrong-token", "KIE_REQUEST_TIMEOUT": "0.05"}
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        paused = await register(h, "acedata", sim.create_task("acedata").task_id, "text2video")
+        clock.advance(FIRST_POLL_AFTER)
+        await h.loop.run_once()  # 401: paused
+        assert "acedata" in h.service.health.paused
+        sent = len(sim.requests)
+        task = await h.service.poll_now(TaskRef(*paused))
+        assert task.polls == 0 and len(sim.requests) == sent  # not asked
+
+        # Nobody runs the loop here: the wait ends, bounded (twice the request timeout).
+        unpolled = await register(h, "kie", sim.create_task("kie").task_id, "jobs")
+        task = await h.service.poll_now(TaskRef(*unpolled))
+        assert task.polls == 0 and task.next_poll_at == clock.now()  # due, for the loop
+        assert len(sim.requests) == sent
 
 
 # --- limits ------------------------------------------------------------------------------
@@ -376,6 +346,39 @@ async def test_a_failing_provider_opens_its_breaker_without_delaying_others(
             assert task.status is Status.COMPLETED and task.polls == 1
 
 
+@pytest.mark.parametrize("provider", ["gateway", "kie"])
+async def test_a_breaker_holds_its_provider_for_its_cool_down_only(
+    tmp_path: Path, clock: FakeClock, sim: Simulator, provider: str
+) -> None:
+    """Seen: after 8 s of HTTP 500 from the gateway (3 s from Kie) its tasks waited 60 s,
+    twice the documented first cool-down. The breaker opens on the fifth failure; its probe
+    goes when the cool-down ends, and the tasks it held follow at once, at the rate."""
+    sim.faults = Faults(drop=1.0, providers={provider: Faults(server_error=1.0)})
+    env = {"RECONCILER_REQUEST_TIMEOUT": "30"}  # the default: what a probe may take
+    action = "jobs" if provider == "kie" else "text2video"
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        refs = []
+        for _ in range(20):
+            created = sim.create_task(provider, action=action, finish_after=30)
+            refs.append(await register(h, provider, created.task_id, action))
+        clock.advance(FIRST_POLL_AFTER)
+
+        await drive(h, 8)  # the burst of 500s
+        sim.faults = Faults(drop=1.0)
+        await drive(h, 600, all_terminal(h, refs))
+
+        sent = requests_of(sim, provider)
+        failed = [r for r in sent if r.status == 500]
+        assert len(failed) == BREAKER_THRESHOLD  # then it opened: nothing more was sent
+        opened = failed[-1].at
+        recovered = sent[len(failed) :]
+        assert recovered[0].at == opened + timedelta(seconds=BREAKER_COOLDOWN_SECONDS)
+        # Every task it held was polled right after the probe, paced at the rate (20/s).
+        assert len(recovered) == len(refs)
+        assert recovered[-1].at - recovered[0].at <= timedelta(seconds=len(refs) / 20)
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
+
+
 async def test_rejected_credentials_pause_the_provider_and_show_on_health(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
@@ -394,11 +397,71 @@ async def test_rejected_credentials_pause_the_provider_and_show_on_health(
         assert any("credentials rejected" in why for why in await h.service.readiness())
         assert (await h.task(*kie_ref)).status is Status.COMPLETED
         task = await h.task(*ref)
-        assert not task.terminal
-        assert task.next_poll_at == h.loop.limits["acedata"].paused_until
+        assert not task.terminal and task.poll_failures == 0  # the provider's failing, not its
+        paused_at = clock.now()
+        assert task.next_poll_at == paused_at + timedelta(seconds=PAUSE_SECONDS)
 
-        await drive(h, 200)  # paused: nothing more is sent to it
-        assert len(requests_of(sim, "acedata")) == 1
+        await drive(h, 200)  # paused: one probe a minute, nothing else
+        sent = [r.at - paused_at for r in requests_of(sim, "acedata")]
+        assert sent == [timedelta(seconds=s) for s in (0, 60, 120, 180)]
+
+
+async def test_a_pause_probe_notices_access_that_came_back(
+    tmp_path: Path, clock: FakeClock, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused, the provider gets one probe a minute for however many tasks are due; the
+    first probe after the key works again ends the pause, and the tasks follow it."""
+    sim.faults = Faults(drop=1.0)
+    async with harness(tmp_path, clock, sim, env={"KIE_API_KEY": "rotated-key"}) as h:
+        refs = []
+        for _ in range(5):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(FIRST_POLL_AFTER)
+        paused_at = clock.now()
+        await drive(h, 100)  # the first poll, then probes at +60 and +120 s: all 401
+        assert "kie" in h.service.health.paused
+
+        monkeypatch.setitem(sim_auth.BEARER_KEYS, "kie", "rotated-key")  # fixed there
+        await drive(h, 600, all_terminal(h, refs))
+
+        sent = requests_of(sim, "kie")
+        assert [r.at - paused_at for r in sent if r.status == 401] == [
+            timedelta(seconds=s) for s in (0, 60)
+        ]
+        answered = [r for r in sent if r.status == 200]
+        assert answered[0].at == paused_at + timedelta(seconds=120)  # the next probe
+        assert len(answered) == len(refs)
+        assert answered[-1].at - answered[0].at <= timedelta(seconds=1)
+        assert "kie" not in h.service.health.paused
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
+
+
+async def test_a_restart_forgets_a_credentials_pause(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """An operator fixes the key and restarts: the pause was the old process's, so the tasks
+    are polled when next due (at most a minute later), not after the old pause."""
+    sim.faults = Faults(drop=1.0)
+    refs: list[tuple[str, str]] = []
+    async with harness(tmp_path, clock, sim, env={"KIE_API_KEY": "wrong-key"}) as h:
+        for _ in range(3):
+            created = sim.create_task("kie", action="jobs", finish_after=30)
+            refs.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(FIRST_POLL_AFTER)
+        await drive(h, 30)
+        assert "kie" in h.service.health.paused
+        restarted_at = clock.now()
+        latest = max(task.next_poll_at or restarted_at for task in await h.tasks(refs))
+        assert latest <= restarted_at + timedelta(seconds=RECHECK_SECONDS)
+
+    async with harness(tmp_path, clock, sim) as h:  # the right key
+        assert h.service.health.paused == {}
+        await drive(h, 600, all_terminal(h, refs))
+        answered = [r for r in requests_of(sim, "kie") if r.status == 200]
+        assert len(answered) == len(refs)
+        assert all(r.at <= restarted_at + timedelta(seconds=RECHECK_SECONDS) for r in answered)
+        assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
 
 
 # --- giving up ---------------------------------------------------------------------------
@@ -417,6 +480,90 @@ async def test_a_task_past_its_deadline_expires(
         assert task.status is Status.EXPIRED and task.source is Source.RECONCILER
         assert sum(r.expired for r in reports) == 1
         assert task.completed_at == task.deadline_at
+
+
+async def test_a_task_at_its_deadline_gets_a_last_poll(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """The poll planned at the deadline is a last look: a video finished by then is kept."""
+    sim.faults = Faults(drop=1.0)
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=FIRST_POLL_AFTER + 5)
+        await h.service.register("kie", created.task_id, "jobs", deadline_seconds=70)
+        deadline = clock.now() + timedelta(seconds=70)
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("kie", created.task_id)
+        assert task.status is Status.COMPLETED and task.source is Source.POLL
+        assert [r.at for r in requests_of(sim, "kie")][-1] == deadline
+        assert sum(r.expired for r in reports) == 0
+
+
+async def test_a_failed_last_poll_expires_the_task(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    sim.faults = Faults(providers={"kie": Faults(server_error=1.0)})
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=10_000)
+        await h.service.register("kie", created.task_id, "jobs", deadline_seconds=70)
+        start = clock.now()
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("kie", created.task_id)
+        assert task.status is Status.EXPIRED and sum(r.expired for r in reports) == 1
+        # The first poll, then one last look at the deadline: never polled again after it.
+        sent = [(r.at - start).total_seconds() for r in requests_of(sim, "kie")]
+        assert sent == [FIRST_POLL_AFTER, 70]
+
+
+async def test_a_task_at_its_deadline_expires_unpolled_while_its_provider_is_held(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    async with harness(tmp_path, clock, sim, env={"ACEDATA_API_TOKEN": "wrong-token"}) as h:
+        created = sim.create_task("acedata", finish_after=10_000)
+        await h.service.register("acedata", created.task_id, "text2video", deadline_seconds=70)
+        start = clock.now()
+
+        reports = await drive(h, 1000)
+
+        task = await h.task("acedata", created.task_id)
+        assert task.status is Status.EXPIRED and sum(r.expired for r in reports) == 1
+        assert task.completed_at == start + timedelta(seconds=70)
+        # Paused by the 401 of its first poll, the provider got no last look to answer.
+        assert [(r.at - start).total_seconds() for r in requests_of(sim, "acedata")] == [60]
+
+
+async def test_success_without_url_is_polled_again_within_the_backoff_cap(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """Seen on Kling with a 9-s deadline and a 2-s cap: the poll after a success without a
+    URL was planned at the deadline, and the task expired though the URL had come."""
+    env = {
+        "KLING_DEADLINE": "9",
+        "KLING_POLL_INTERVAL_MAX": "2",
+        "KLING_FIRST_POLL_AFTER": "1",
+    }
+    async with harness(tmp_path, clock, sim, env=env) as h:
+        created = sim.create_task("kling", finish_after=1)
+        url, created.video_url = created.video_url, None  # succeed, with no URL yet
+        ref = await register(h, "kling", created.task_id, "text2video")
+        start = clock.now()
+
+        await drive(h, 1)
+        task = await h.task(*ref)
+        assert task.status is Status.PROCESSING and task.provider_status == "succeed"
+        assert task.next_poll_at is not None
+        assert task.next_poll_at <= start + timedelta(seconds=1 + 2)
+
+        created.video_url = url  # the provider has it from +3 s
+        await drive(h, 20, all_terminal(h, [ref]))
+
+        task = await h.task(*ref)
+        assert task.status is Status.COMPLETED and task.videos[0].url == url
+        assert task.completed_at is not None
+        assert task.completed_at <= start + timedelta(seconds=3)
 
 
 async def test_a_task_never_found_fails(tmp_path: Path, clock: FakeClock, sim: Simulator) -> None:
@@ -530,21 +677,15 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
         try:
             clock.advance(FIRST_POLL_AFTER)
             start = clock.now()
-            async with asyncio.timeout(20):
-                while not all(task.terminal for task in await h.tasks(refs)):
-                    # Move time on, then let the loop settle into its next wait (each poll
-                    # it settles wakes it, so progress always ends in a new wait).
-                    clock.waiting.clear()
-                    clock.advance(0.1)
-                    await clock.waiting.wait()
+            await polled(h, refs, 1)  # the first batch went at once; the others wait
+            for count in range(2, len(refs) + 1):
+                clock.set(clock.next_wake())  # the next batch's slot
+                await polled(h, refs, count)
             sent = requests_of(sim, "kie")
             assert len(sent) == 10
             assert all(task.polls == 1 for task in await h.tasks(refs))
-            times = sorted(r.at for r in sent)
-            # Ten tokens at 10/s span 0.9 s (less one clock step a request may spend in
-            # flight while time moves), and all went in one go, not pass by pass.
-            assert (times[-1] - times[0]).total_seconds() >= 0.8
-            assert (times[-1] - start).total_seconds() < 1.5
+            times = sorted(r.at - start for r in sent)
+            assert times == [timedelta(seconds=n / 10) for n in range(10)]
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
@@ -552,15 +693,88 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
 
 
 class WatchedClock(FakeClock):
-    """A FakeClock that tells when someone starts waiting on it."""
+    """A FakeClock that knows who sleeps on it and until when, so a test of `run()` can move
+    time on to the next moment someone waits for, once everyone is waiting."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.waiting = asyncio.Event()
+        self.waiting = asyncio.Event()  # set whenever someone starts or stops sleeping
+        self.sleeping: list[datetime | None] = []
 
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
+        self.sleeping.append(when)
         self.waiting.set()
-        await super().sleep_until(when, wake)
+        try:
+            await super().sleep_until(when, wake)
+        finally:
+            self.sleeping.remove(when)
+            self.waiting.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait (on sleepers coming and going) until `condition()` holds."""
+        async with asyncio.timeout(10):
+            while not condition():
+                self.waiting.clear()
+                await self.waiting.wait()
+
+    def next_wake(self) -> datetime:
+        """The earliest time someone sleeps until."""
+        return min(when for when in self.sleeping if when is not None)
+
+
+async def polled(h: Harness, refs: list[tuple[str, str]], count: int) -> None:
+    """Wait (on the feed's commits) until `count` polls of `refs` were written."""
+    async with asyncio.timeout(10):
+        while True:
+            seen = h.feed.commits
+            if sum(task.polls for task in await h.tasks(refs)) >= count:
+                return
+            await h.feed.wait_commit(seen, 10)
+
+
+async def test_run_starts_the_batches_a_probe_held_as_soon_as_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    """Under `run()`, batches due with a probe wait in memory for its verdict, not for its
+    timeout (30 s here), then go one token apart. The probe is a Kling task the provider
+    does not know: its exchange needs a second request (the list), one token later."""
+    clock = WatchedClock()
+    env = {"KLING_RATE_LIMIT": "10", "RECONCILER_REQUEST_TIMEOUT": "30"}
+    async with (
+        Simulator(clock=clock, seed=3).serve() as sim,
+        harness(tmp_path, clock, sim, env=env) as h,
+    ):
+        probe = await register(h, "kling", "424242424242424242", "effects")  # due first
+        clock.advance(1)
+        held = []
+        for action in ("text2video", "image2video", "lip-sync", "video-extend"):
+            created = sim.create_task("kling", action=action, finish_after=30)
+            held.append(await register(h, "kling", created.task_id, action))
+        limits = h.loop.limits["kling"]
+        for _ in range(BREAKER_THRESHOLD):  # as five failed exchanges would
+            limits.breaker.record_failure(clock.now())
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(FIRST_POLL_AFTER)  # past the cool-down: the probe and the rest
+            due = clock.now()
+            # The probe waits for its second token, the first of the others for its slot.
+            turn = due + timedelta(seconds=0.1)
+            await clock.until(lambda: clock.sleeping.count(turn) == 2)
+            for count in range(1, len(held) + 2):  # the probe's verdict, then one by one
+                clock.set(clock.next_wake())
+                await polled(h, [probe, *held], count)
+            sent = requests_of(sim, "kling")
+            assert [r.at - due for r in sent] == [timedelta(seconds=n / 10) for n in range(6)]
+            assert [r.kind for r in sent[:2]] == ["query", "list"]  # the probe
+            assert limits.breaker.state is BreakerState.CLOSED
+            assert all(task.polls == 1 for task in await h.tasks(held))
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None:
@@ -587,26 +801,28 @@ async def test_stop_abandons_a_poll_waiting_for_its_turn(tmp_path: Path) -> None
             assert task.next_poll_at == leased_at + timedelta(seconds=h.loop.lease_seconds)
 
 
-async def test_webhooks_wake_the_loop_only_for_earlier_polls(
+async def test_commits_ring_the_alarm_only_for_earlier_polls(
     tmp_path: Path, clock: FakeClock, sim: Simulator
 ) -> None:
+    """Registrations and webhooks wake the loop through their commits, and only when they
+    plan a poll before the loop's next look at the schedule."""
     async with harness(tmp_path, clock, sim) as h:
-        service = h.service
-        service.loop_wakes_at = clock.now() + timedelta(seconds=10)
+        service, alarm = h.service, h.feed.alarm
+        assert h.loop.alarm is alarm
+        alarm.reset(clock.now() + timedelta(seconds=10))
         body = b'{"task_id": "w1", "task_status": "processing"}'
         result = await service.ingest("kling", {}, body)
         assert result.task is not None and result.task.next_poll_at is not None
-        assert result.task.next_poll_at > service.loop_wakes_at
-        assert not service.wakeup.is_set()  # the loop looks again before that poll is due
+        assert result.task.next_poll_at > alarm.next_look
+        assert not alarm.rung.is_set()  # the loop looks again before that poll is due
 
-        service.loop_wakes_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER * 10)
+        alarm.reset(clock.now() + timedelta(seconds=FIRST_POLL_AFTER * 10))
         await service.register("kling", "w2")
-        assert service.wakeup.is_set()  # due before the loop would have looked
+        assert alarm.rung.is_set()  # due before the loop would have looked
 
-        service.wakeup.clear()
-        service.loop_wakes_at = None  # the loop is between reading and sleeping
+        alarm.reset(None)  # the loop is reading the schedule
         await service.ingest("kling", {}, b'{"task_id": "w3", "task_status": "submitted"}')
-        assert service.wakeup.is_set()
+        assert alarm.rung.is_set()
 
 
 async def test_an_unconfigured_provider_is_not_polled_and_its_tasks_expire(
@@ -644,10 +860,8 @@ async def test_stop_releases_batches_waiting_in_memory(tmp_path: Path) -> None:
         clock.advance(FIRST_POLL_AFTER)
         running = asyncio.create_task(h.loop.run())
         try:
-            async with asyncio.timeout(10):
-                while len(requests_of(sim, "kie")) < 1 or not h.loop._slot_waiters:
-                    clock.waiting.clear()
-                    await clock.waiting.wait()
+            await polled(h, refs, 1)  # the first batch went; the others wait for their slots
+            await clock.until(lambda: len([w for w in clock.sleeping if w and w < _NEVER]) >= 3)
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):

@@ -151,6 +151,27 @@ def test_after_poll_retries_soon_when_the_result_is_missing() -> None:
     assert schedule.after_poll(waiting, at(100), TIMING, NoJitter()) == expected
 
 
+def test_after_poll_result_missing_stays_within_the_backoff_cap() -> None:
+    """A cap below the fixed retry wins: with a 2-s cap the next look is 2 s away, not at a
+    deadline 8 s later."""
+    tight = Timing(first_poll_after=1.0, poll_interval_max=2.0, deadline=9.0, not_found_grace=600.0)
+    waiting = task(deadline=9, polls=1, result_missing_since=at(1))
+    assert schedule.after_poll(waiting, at(1), tight, NoJitter()) == at(3)
+
+
+@pytest.mark.parametrize(
+    ("now", "until", "due"),
+    [
+        (10, 50, 50),  # before the deadline: at `until`
+        (10, 150, 100),  # but never past the deadline, where the last look happens
+        (100, 103, 103),  # at the deadline: the last look waits for the provider's pace
+        (120, 121, 121),
+    ],
+)
+def test_handed_back(now: float, until: float, due: float) -> None:
+    assert schedule.handed_back(task(deadline=100), at(now), at(until)) == at(due)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     now=st.floats(0, 5000),

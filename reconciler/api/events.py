@@ -13,8 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from reconciler.api.errors import ApiError
+from reconciler.model import EventRow
 from reconciler.service import Service
-from reconciler.store.base import EventRow
 
 MAX_LIMIT = 1000
 MAX_WAIT = 60.0

@@ -4,8 +4,9 @@
 `/healthz` says only that the process answers. `/readyz` asks the service why it should not
 get traffic (database, loop, provider credentials) and answers 503 with those reasons in the
 error envelope. `/metrics` refreshes the figures that live in the database (tasks by status,
-how tasks were settled, lag) and the loop's health just before rendering; counters are
-incremented where things happen, not here. Nothing here reads a secret, so none can leak.
+how tasks were settled, lag) and the gauges mirroring the loop's health (read through
+`service.health`, which the loop owns) just before rendering; counters are incremented
+where things happen, not here. Nothing here reads a secret, so none can leak.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from reconciler.api import openapi
 from reconciler.api.errors import error_response
 from reconciler.metrics import CONTENT_TYPE, Metrics
 from reconciler.model import Status
-from reconciler.service import SETTLED_BY, Health, Overview, Service
+from reconciler.service import SETTLED_BY, LoopHealth, Overview, Service
 
 # Rendered once: the document is static for the life of the process.
 OPENAPI = json.dumps(openapi.document(), separators=(",", ":")).encode()
@@ -45,7 +46,7 @@ async def metrics(request: Request) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def refresh(metrics: Metrics, overview: Overview, health: Health, providers: list[str]) -> None:
+def refresh(metrics: Metrics, overview: Overview, health: LoopHealth, providers: list[str]) -> None:
     """Set the gauges that mirror state, zero included, so a series never lingers at a stale
     value after its last task moved on. No await in here: concurrent scrapes never see a
     half-refreshed registry."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from reconciler.model import Change, Delivery, Outcome, Task, TaskRef
+from reconciler.model import Change, Delivery, EventRow, Outcome, Task, TaskRef
 
 Decide = Callable[[Task | None], Change | None]
 
@@ -75,17 +75,6 @@ class ApplyResult:
     task: Task | None  # None when the task does not exist and decide created nothing
     created: bool
     event_seq: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    """One stored event: `body` is its JSON text exactly as served, `seq` included."""
-
-    seq: int
-    provider: str
-    task_id: str
-    type: str
-    body: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,12 +44,11 @@ import asyncpg
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import Commit, Delivery, Outcome, Task, TaskRef
+from reconciler.model import Commit, Delivery, EventRow, Outcome, Task, TaskRef
 from reconciler.store import migrations
 from reconciler.store.base import (
     ApplyResult,
     Decide,
-    EventRow,
     IngestResult,
     Interpret,
     ListPosition,

@@ -36,12 +36,11 @@ import aiosqlite
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import Commit, Delivery, Outcome, Task, TaskRef, iso, parse_iso
+from reconciler.model import Commit, Delivery, EventRow, Outcome, Task, TaskRef, iso, parse_iso
 from reconciler.store import migrations
 from reconciler.store.base import (
     ApplyResult,
     Decide,
-    EventRow,
     IngestResult,
     Interpret,
     ListPosition,

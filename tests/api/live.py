@@ -1,15 +1,15 @@
-"""A real service behind real uvicorn on a pre-bound loopback socket, for the read-side API
-tests (stream, operations, OpenAPI, dashboard), plus small SSE and waiting helpers.
+"""The read-side API tests' way into a running service (`live_service`, which is the suite's
+one `serve` under the name these tests use), plus small SSE and waiting helpers.
 
 The reconciler loop does not run here: these tests create events by registering tasks and
-posting callbacks, and set `service.health` where a test needs the loop's view.
+posting callbacks, and set the loop's own `health` (`live.health`) where a test needs the
+loop's view.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,26 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from starlette.applications import Starlette
 
-from reconciler.api.stream import Streams, close_streams
-from reconciler.config import Settings
-from reconciler.runtime import bind, open_runtime, server_for
-from reconciler.service import Service
+from reconciler.api.stream import Streams
+from tests.conftest import Served, serve
 
-
-@dataclass
-class Live:
-    service: Service
-    app: Starlette
-    url: str
-    client: httpx.AsyncClient
-    sock: socket.socket
-
-    @property
-    def streams(self) -> Streams:
-        streams: Streams = self.app.state.streams
-        return streams
+Live = Served
 
 
 @asynccontextmanager
@@ -46,31 +31,11 @@ async def live_service(
     streams: Streams | None = None,
     send_buffer: int | None = None,
 ) -> AsyncIterator[Live]:
-    """The service as `reconciler serve` assembles it (`runtime.open_runtime`, `bind`,
-    `server_for`), with the streams' settings given. `send_buffer` sets SO_SNDBUF on the
-    listening socket (accepted ones inherit it), so a client that stops reading fills the
-    server's buffers with little data."""
-    settings = Settings.from_environ(
-        {"RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite", **(environ or {})}
-    )
-    async with open_runtime(settings) as runtime:
-        app = runtime.app
-        app.state.streams = streams or Streams()
-        sock = bind("127.0.0.1", 0)
-        if send_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        server = server_for(app)
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        host, port = sock.getsockname()[:2]
-        url = f"http://{host}:{port}"
-        try:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                yield Live(runtime.service, app, url, client, sock)
-        finally:
-            # uvicorn waits for open responses on shutdown: end the streams first.
-            close_streams(app)
-            server.should_exit = True
-            await serving
+    """`serve` on `tmp_path/db.sqlite`, with the streams' settings given."""
+    async with serve(
+        tmp_path / "db.sqlite", environ, streams=streams, send_buffer=send_buffer, client_timeout=10
+    ) as live:
+        yield live
 
 
 async def until(streams: Streams, condition: Callable[[Streams], bool]) -> None:

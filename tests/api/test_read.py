@@ -76,21 +76,37 @@ async def test_readyz_gives_the_reasons(tmp_path: Path) -> None:
         assert body["reasons"] == ["reconciler loop not running"]
         assert "reconciler loop not running" in body["error"]["message"]
 
-        live.service.health.loop_running = True
-        live.service.health.breakers_open.add("acedata")
+        live.health.loop_running = True
+        live.health.breakers_open.add("acedata")
         response = await live.client.get("/readyz")
         assert response.status_code == 200
         assert response.json() == {"status": "ready", "breakers_open": ["acedata"]}
 
-        live.service.health.paused["kling"] = "HTTP 401: access key not found"
+        live.health.paused["kling"] = "HTTP 401: access key not found"
         body = (await live.client.get("/readyz")).json()
         assert body["reasons"] == ["kling: credentials rejected (HTTP 401: access key not found)"]
         assert "kling: credentials rejected" in body["error"]["message"]
 
 
+async def test_readyz_reads_the_running_loop(tmp_path: Path) -> None:
+    """The loop owns its health; /readyz sees it through the service, while it runs only."""
+    async with live_service(tmp_path) as live:
+        running = asyncio.create_task(live.loop.run())
+        try:
+            response = await live.client.get("/readyz")
+            assert response.status_code == 200, response.text
+            assert response.json() == {"status": "ready", "breakers_open": []}
+        finally:
+            live.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+        response = await live.client.get("/readyz")
+        assert response.json()["reasons"] == ["reconciler loop not running"]
+
+
 async def test_readyz_reports_an_unreachable_database(tmp_path: Path) -> None:
     async with live_service(tmp_path) as live:
-        live.service.health.loop_running = True
+        live.health.loop_running = True
         async with SQLiteStore(tmp_path / "other.sqlite") as closed:
             pass
         opened, live.service.store = live.service.store, closed
@@ -105,8 +121,8 @@ async def test_readyz_reports_an_unreachable_database(tmp_path: Path) -> None:
 async def test_metrics_figures(tmp_path: Path) -> None:
     async with live_service(tmp_path, GRACE) as live:
         await settle(live)
-        live.service.health.breakers_open.add("acedata")
-        live.service.health.paused["cometapi"] = "HTTP 401"
+        live.health.breakers_open.add("acedata")
+        live.health.paused["cometapi"] = "HTTP 401"
         response = await live.client.get("/metrics")
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -140,7 +156,7 @@ async def test_metrics_figures(tmp_path: Path) -> None:
 
         # The gauges follow the database: nothing lingers at an old value.
         await live.client.post("/callbacks/kling", content=kling_callback("t4", "failed"))
-        live.service.health.breakers_open.clear()
+        live.health.breakers_open.clear()
         text = (await live.client.get("/metrics")).text
         assert 'reconciler_tasks{provider="kling",status="submitted"} 0.0' in text
         assert 'reconciler_tasks_settled{by="callback",provider="kling"} 2.0' in text
@@ -152,8 +168,8 @@ async def test_lag_counts_overdue_polls_even_without_the_loop(tmp_path: Path) ->
     async with live_service(tmp_path, environ) as live:
         await live.service.register("kling", "due")  # due now; no loop is there to poll it
         assert (await live.service.overview()).lag_seconds > 0
-        assert live.service.health.lag_seconds == 0
-        live.service.health.lag_seconds = 12.5  # what a stuck loop would report
+        assert live.health.lag_seconds == 0
+        live.health.lag_seconds = 12.5  # what a stuck loop would report
         stats = (await live.client.get("/stats")).json()
         assert stats["lag_seconds"] >= 12.5
 
@@ -161,7 +177,7 @@ async def test_lag_counts_overdue_polls_even_without_the_loop(tmp_path: Path) ->
 async def test_stats_for_the_dashboard(tmp_path: Path) -> None:
     async with live_service(tmp_path, GRACE) as live:
         await settle(live)
-        live.service.health.paused["kie"] = "HTTP 403"
+        live.health.paused["kie"] = "HTTP 403"
         response = await live.client.get("/stats")
         assert response.status_code == 200
         stats = response.json()
@@ -219,7 +235,7 @@ async def test_api_token_guards_read_routes(tmp_path: Path, path: str) -> None:
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_health_checks_need_no_token(tmp_path: Path, path: str) -> None:
     async with live_service(tmp_path, SECRETS) as live:
-        live.service.health.loop_running = True
+        live.health.loop_running = True
         response = await live.client.get(path)
         assert response.status_code == 200
 
@@ -227,7 +243,7 @@ async def test_health_checks_need_no_token(tmp_path: Path, path: str) -> None:
 async def test_no_secret_appears_on_read_routes(tmp_path: Path) -> None:
     async with live_service(tmp_path, SECRETS) as live:
         await settle_with_token(live)
-        live.service.health.paused["kling"] = "HTTP 401: credentials rejected"
+        live.health.paused["kling"] = "HTTP 401: credentials rejected"
         live.streams.close()
         for path in ("/metrics", "/stats", "/readyz", "/healthz", "/openapi.json", "/"):
             response = await live.client.get(path, headers=BEARER)

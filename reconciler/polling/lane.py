@@ -1,0 +1,136 @@
+"""One provider's lane: its adapter, its limits (`limits.ProviderLimits`), its HTTP
+connection pool, and the batches waiting in memory for their turn.
+
+A batch whose slot is near (within `WAIT_HORIZON_SECONDS`) waits here rather than being
+handed back to the database, which would cost a write and a pass per batch. It waits on the
+clock for its slot, and for an exchange to end when only the concurrency limit or a probe
+in flight is in the way: an ending exchange wakes the first batch waiting for room, and a
+probe's verdict wakes them all. Nothing here decides what happens to tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+
+import httpx
+
+from reconciler.clock import Clock
+from reconciler.limits import Permit, ProviderLimits, after
+from reconciler.providers import Provider
+
+# Batches a provider can take within this many seconds wait for their turn in memory;
+# later ones are handed back to the database, due at their slot.
+WAIT_HORIZON_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What waiting for a turn came to: a `permit` to start the exchange; or not now, hand
+    the batch back due `until` (`held`: because the provider is held); or neither, when the
+    loop is stopping (the batch stays leased, and is polled again when its lease ends)."""
+
+    permit: Permit | None = None
+    until: datetime | None = None
+    held: bool = False
+
+
+class Lane:
+    def __init__(self, provider: Provider, clock: Clock) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.clock = clock
+        self.limits = ProviderLimits.from_settings(provider.settings)
+        self.auth: httpx.Auth | None = None
+        self.client: httpx.AsyncClient | None = None
+        # Batches that may start as soon as an exchange ends (room, or a probe's verdict),
+        # in arrival order.
+        self._room_waiters: deque[asyncio.Event] = deque()
+        # Every batch waiting here, so that `stop_waiting` can release them all. Each has
+        # an Event of its own: thousands may wait at once, and waiters of one shared Event
+        # are removed from its queue one by one (quadratic at a timeout).
+        self._waiters: set[asyncio.Event] = set()
+        self._stopping = False
+
+    @property
+    def configured(self) -> bool:
+        """Whether there is anyone to ask (a base URL, and credentials where needed)."""
+        return self.provider.settings.configured
+
+    # --- the connection pool -----------------------------------------------------------
+
+    def open(self) -> None:
+        settings = self.provider.settings
+        self.auth = self.provider.auth()
+        # One pool per provider: a provider whose connections hang cannot take the sockets
+        # another one needs. The concurrency limit is the pool size.
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.request_timeout),
+            limits=httpx.Limits(
+                max_connections=settings.concurrency,
+                max_keepalive_connections=settings.concurrency,
+            ),
+        )
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    # --- waiting for a turn --------------------------------------------------------------
+
+    async def wait_turn(self, slot: datetime) -> Turn:
+        """Wait until a batch due at `slot` may start (or as soon after as the provider
+        allows, within the horizon); hand it back if the provider is held meanwhile."""
+        limits = self.limits
+        give_up = after(self.clock.now(), WAIT_HORIZON_SECONDS)
+        wake = asyncio.Event()
+        self._waiters.add(wake)
+        when: datetime | None = slot
+        try:
+            while True:
+                await self.clock.sleep_until(when, wake)
+                if self._stopping:
+                    return Turn()
+                wake.clear()
+                now = self.clock.now()
+                permit = limits.start(now)
+                if permit is not None:
+                    return Turn(permit)
+                if limits.held_until(now) is not None:
+                    return Turn(until=limits.slot_at(now, 0), held=True)
+                ready = limits.ready_at(now)
+                if ready is None and (now < give_up or limits.probing):
+                    # Only the concurrency limit or a probe in flight is in the way: wait for
+                    # an exchange to end rather than asking again on a timer (thousands of
+                    # batches asking every 1/rate seconds took a sixth of the loop's CPU).
+                    # A probe's verdict is waited for past the horizon: these batches are
+                    # the ones it held, and they go as soon as it says the provider is back.
+                    self._room_waiters.append(wake)
+                    when = None if limits.probing else give_up
+                    continue
+                retry = ready or after(now, 1 / limits.bucket.rate)
+                if retry > give_up:
+                    return Turn(until=retry)
+                when = retry
+        finally:
+            self._waiters.discard(wake)
+
+    def ended(self, permit: Permit) -> None:
+        """An exchange ended: the first batch still waiting for room may try to start, or
+        after a probe's verdict every waiting batch (those it held go at once, at the rate;
+        if it failed they find the provider held and are handed back)."""
+        while self._room_waiters:
+            wake = self._room_waiters.popleft()
+            if wake in self._waiters and not wake.is_set():
+                wake.set()
+                if not permit.probe:
+                    return
+
+    def stop_waiting(self) -> None:
+        """Release every batch waiting here: the loop is stopping."""
+        self._stopping = True
+        for wake in self._waiters:
+            wake.set()
