@@ -22,9 +22,11 @@ waits long in memory, no provider holds up another, and nothing spins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -43,6 +45,12 @@ from reconciler.service import Service
 logger = logging.getLogger(__name__)
 
 _NEVER = datetime.max.replace(tzinfo=UTC)
+# A replica that could not reach the database to wait for the loop's lock asks again after.
+LEADERSHIP_RETRY_SECONDS = 1.0
+
+# The loop's lock, from the store: entering waits until this process may run the loop; the
+# Event it yields is set if that may have ended.
+Leadership = Callable[[], AbstractAsyncContextManager[asyncio.Event]]
 
 
 @dataclass
@@ -70,7 +78,10 @@ class Health:
     """The loop's own account of itself: written here only, read by the service as its
     `LoopHealth` (`/readyz`, `/metrics`, `/stats`)."""
 
-    loop_running: bool = False
+    loop_running: bool = False  # passes are running here: this process leads
+    # Waiting for the loop's lock while another replica leads (PostgreSQL): this process
+    # serves the API and webhooks, and takes the loop over when the leader goes.
+    standby: bool = False
     paused: dict[str, str] = field(default_factory=dict)  # provider -> why
     breakers_open: set[str] = field(default_factory=set)
     lag_seconds: float = 0.0  # how late the oldest task of the last pass was
@@ -86,6 +97,7 @@ class Reconciler:
         alarm: Alarm | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        leadership: Leadership | None = None,
         chunk: int = 500,
         lease_seconds: float = 120.0,
     ) -> None:
@@ -98,6 +110,7 @@ class Reconciler:
         self.health = health or Health()
         self.chunk = chunk
         self.lease_seconds = lease_seconds
+        self._leadership = leadership or _always_leading
         self._lanes = {name: Lane(provider, clock) for name, provider in providers.items()}
         self._opened = False
         self._closed = False
@@ -146,19 +159,65 @@ class Reconciler:
     # --- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Passes until `stop()`, sleeping until the earliest due poll or the alarm.
+        """Lead, then run passes until `stop()`, sleeping until the earliest due poll or the
+        alarm.
 
-        Polls started by a pass run on while the loop sleeps and starts later passes: a slow
-        or hanging provider delays only its own tasks. A store error ends the loop (and the
-        process, through the runtime); a provider's failures never do.
+        One process in a deployment runs the passes: the one holding the loop's lock
+        (`leadership`, from the store: at once and for good on SQLite, a session lock on
+        PostgreSQL). Until it holds it, this waits on `standby`; if it loses it, the passes
+        end (polls under way finish) and it waits again. Polls started by a pass run on
+        while the loop sleeps and starts later passes: a slow or hanging provider delays
+        only its own tasks. A store error ends the loop (and the process, through the
+        runtime); a provider's failures never do.
         """
         self._check_open()
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                self.health.standby = True
+                term = asyncio.create_task(self._term(), name="reconciler-term")
+                await asyncio.wait({term, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not term.done() and self.health.standby:
+                    term.cancel()  # stopped while waiting for the lock
+                try:
+                    await term
+                except asyncio.CancelledError:
+                    if not self._stop.is_set():
+                        raise
+                except StoreError as error:
+                    if not self.health.standby:
+                        raise
+                    # The database did not answer the wait for the lock: wait a moment and
+                    # ask again, serving meanwhile.
+                    logger.warning("waiting to lead the loop failed (%s); trying again", error)
+                    retry = after(self.clock.now(), LEADERSHIP_RETRY_SECONDS)
+                    await self.clock.sleep_until(retry, self.alarm.rung)
+        finally:
+            stopping.cancel()
+            self.health.standby = False
+
+    async def _term(self) -> None:
+        """Wait for the loop's lock, then run passes until `stop()` or the lock is lost."""
+        async with self._leadership() as lost:
+            self.health.standby = False
+            if lost.is_set() or self._stop.is_set():
+                return
+            logger.info("this process runs the reconciler loop")
+            ring = asyncio.create_task(_ring_on(lost, self.alarm))
+            try:
+                await self._passes(lost)
+            finally:
+                ring.cancel()
+            if lost.is_set() and not self._stop.is_set():
+                logger.error("lost the reconciler loop's lock; waiting to lead again")
+
+    async def _passes(self, lost: asyncio.Event) -> None:
         alarm = self.alarm
         self.health.loop_running = True
         self._wait_in_memory = True
         try:
             async with asyncio.TaskGroup() as group:
-                while not self._stop.is_set():
+                while not self._stop.is_set() and not lost.is_set():
                     # The pass sees every poll due by its start, so earlier rings are spent;
                     # during it only polls planned before its start could be missed (none
                     # are planned in the past); while the next due time is read, any may.
@@ -168,7 +227,7 @@ class Reconciler:
                     alarm.next_look = None
                     report.next_due_at = await self.service.next_due_at()
                     alarm.next_look = report.next_due_at or _NEVER
-                    if self._stop.is_set():
+                    if self._stop.is_set() or lost.is_set():
                         break
                     await self.clock.sleep_until(report.next_due_at, alarm.rung)
         except ExceptionGroup as failures:
@@ -371,6 +430,16 @@ class Reconciler:
             health.paused[name] = limits.paused
         else:
             health.paused.pop(name, None)
+
+
+@contextlib.asynccontextmanager
+async def _always_leading() -> AsyncIterator[asyncio.Event]:
+    yield asyncio.Event()
+
+
+async def _ring_on(lost: asyncio.Event, alarm: Alarm) -> None:
+    await lost.wait()
+    alarm.ring()
 
 
 def _batches(provider: Provider, tasks: Sequence[Task]) -> list[list[Task]]:

@@ -68,7 +68,13 @@ async def open_runtime(
         health = Health()
         service = Service(settings, store, providers, clock, feed, metrics, rng, health)
         async with Reconciler(
-            service, providers, clock, alarm=feed.alarm, metrics=metrics, health=health
+            service,
+            providers,
+            clock,
+            alarm=feed.alarm,
+            metrics=metrics,
+            health=health,
+            leadership=store.leadership,
         ) as reconciler:
             yield Runtime(settings, store, feed, service, reconciler, create_app(service))
 

@@ -103,6 +103,9 @@ class LoopHealth(Protocol):
     def loop_running(self) -> bool: ...
 
     @property
+    def standby(self) -> bool: ...  # another replica runs the loop; this one waits to
+
+    @property
     def paused(self) -> Mapping[str, str]: ...  # provider -> why (credentials rejected)
 
     @property
@@ -117,6 +120,7 @@ class NoLoop:
     """The health of a service with no loop attached (tools, and tests of the API alone)."""
 
     loop_running: bool = False
+    standby: bool = False
     paused: Mapping[str, str] = field(default_factory=dict)
     breakers_open: AbstractSet[str] = frozenset()
     lag_seconds: float = 0.0
@@ -546,7 +550,7 @@ class Service:
         except Exception as error:  # whatever the driver raises, the answer is "not reachable"
             # Only the class name: a driver's message may quote the connection string.
             reasons.append(f"database unreachable ({type(error).__name__})")
-        if not self.health.loop_running:
+        if not self.health.loop_running and not self.health.standby:
             reasons.append("reconciler loop not running")
         for name, why in sorted(self.health.paused.items()):
             reasons.append(f"{name}: credentials rejected ({why})")

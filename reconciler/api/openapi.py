@@ -202,10 +202,17 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Ready": {
         "type": "object",
-        "required": ["status", "breakers_open"],
+        "required": ["status", "loop", "breakers_open"],
         "additionalProperties": False,
         "properties": {
             "status": {"const": "ready"},
+            "loop": {
+                "enum": ["leading", "standby"],
+                "description": "`leading`: this process runs the reconciler loop. `standby`: "
+                "another replica on the same PostgreSQL database runs it; this one serves the "
+                "API and webhooks and takes the loop over when that replica goes. Provider "
+                "pauses and open breakers are known to the leading replica.",
+            },
             "breakers_open": {
                 "type": "array",
                 "items": {"type": "string"},

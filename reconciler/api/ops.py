@@ -36,7 +36,14 @@ async def readyz(request: Request) -> Response:
     reasons = await service.readiness()
     if reasons:
         return error_response(503, "not_ready", "not ready: " + "; ".join(reasons), reasons=reasons)
-    return JSONResponse({"status": "ready", "breakers_open": sorted(service.health.breakers_open)})
+    health = service.health
+    return JSONResponse(
+        {
+            "status": "ready",
+            "loop": "standby" if health.standby else "leading",
+            "breakers_open": sorted(health.breakers_open),
+        }
+    )
 
 
 async def metrics(request: Request) -> Response:

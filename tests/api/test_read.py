@@ -80,7 +80,11 @@ async def test_readyz_gives_the_reasons(tmp_path: Path) -> None:
         live.health.breakers_open.add("acedata")
         response = await live.client.get("/readyz")
         assert response.status_code == 200
-        assert response.json() == {"status": "ready", "breakers_open": ["acedata"]}
+        assert response.json() == {
+            "status": "ready",
+            "loop": "leading",
+            "breakers_open": ["acedata"],
+        }
 
         live.health.paused["kling"] = "HTTP 401: access key not found"
         body = (await live.client.get("/readyz")).json()
@@ -95,7 +99,7 @@ async def test_readyz_reads_the_running_loop(tmp_path: Path) -> None:
         try:
             response = await live.client.get("/readyz")
             assert response.status_code == 200, response.text
-            assert response.json() == {"status": "ready", "breakers_open": []}
+            assert response.json() == {"status": "ready", "loop": "leading", "breakers_open": []}
         finally:
             live.loop.stop()
             async with asyncio.timeout(10):
