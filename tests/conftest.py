@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +22,7 @@ from reconciler.clock import Clock, FakeClock
 from reconciler.config import Settings
 from reconciler.simulator import Simulator
 from reconciler.store.sqlite import SQLiteStore
+from tests import postgres
 
 if TYPE_CHECKING:  # the runtime imports everything; fixtures import it only when used
     from starlette.applications import Starlette
@@ -63,6 +64,23 @@ async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
     """The provider simulator on the test's clock, no faults (set `sim.faults` to add some)."""
     async with Simulator(clock=clock, seed=3).serve() as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.Server]:
+    """PostgreSQL for the tests that need it (see tests/postgres.py: skipped with one reason
+    where no server answers)."""
+    server = postgres.start_server()
+    yield server
+    postgres.stop_server(server)
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: postgres.Server) -> AsyncIterator[str]:
+    """A fresh, migrated PostgreSQL database for this test."""
+    url = await postgres_server.create()
+    yield url
+    await postgres_server.drop(url)
 
 
 @pytest.fixture

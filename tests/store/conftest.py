@@ -3,29 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from reconciler.model import Commit
 from reconciler.store import Store
-from tests import postgres
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[postgres.Server]:
-    server = postgres.start_server()
-    yield server
-    postgres.stop_server(server)
-
-
-@pytest.fixture
-async def postgres_url(postgres_server: postgres.Server) -> AsyncIterator[str]:
-    url = await postgres_server.create()
-    yield url
-    await postgres_server.drop(url)
-
 
 OpenStore = Callable[..., Store]
 
