@@ -13,7 +13,8 @@ ones too) and encodes the JSON. Endpoints only parse their input and pick a shap
     /acedata/kling/tasks                      POST retrieve | retrieve_batch
     /kie/api/v1/jobs/createTask, /kie/api/v1/jobs/recordInfo?taskId=
     /kie/api/v1/veo/generate, /kie/api/v1/veo/record-info?taskId=
-    /_sim/tasks (POST), /_sim/tasks/{provider}/{task_id}, /_sim/stats, /_sim/faults (GET, PUT)
+    /_sim/tasks (POST), /_sim/tasks/{provider}/{task_id}, /_sim/stats, /_sim/requests,
+    /_sim/faults (GET, PUT)
 
 The control routes are not provider requests: they are neither recorded nor faulted.
 """
@@ -89,6 +90,7 @@ def build_app(world: World, release: asyncio.Event) -> Starlette:
         Route("/_sim/tasks", endpoints.control_create, methods=["POST"]),
         Route("/_sim/tasks/{provider}/{task_id}", endpoints.control_task, methods=["GET"]),
         Route("/_sim/stats", endpoints.control_stats, methods=["GET"]),
+        Route("/_sim/requests", endpoints.control_requests, methods=["GET"]),
         Route("/_sim/faults", endpoints.control_faults, methods=["GET", "PUT"]),
     ]
     return Starlette(routes=routes)
@@ -448,6 +450,34 @@ class _Endpoints:
             "requests_total": len(world.requests),
             "tasks": len(world.tasks),
             "callbacks": dict(world.callback_counts) | {"pending": world.pending_callbacks},
+        }
+        return _json(200, body)
+
+    async def control_requests(self, request: Request) -> Response:
+        """The provider requests recorded so far, oldest first, from index `after` (default
+        0), at most `limit` (default 1000, at most 10000): when each came, what it asked
+        about, how it was answered. `next` is the index to ask from next."""
+        try:
+            after = int(request.query_params.get("after", "0"))
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError:
+            return _control_error(422, "after and limit must be integers")
+        if after < 0 or not 1 <= limit <= 10_000:
+            return _control_error(422, "after must be >= 0 and limit within 1..10000")
+        page = self.world.requests[after : after + limit]
+        body = {
+            "requests": [
+                {
+                    "provider": recorded.provider,
+                    "kind": recorded.kind,
+                    "status": recorded.status,
+                    "at": recorded.at.isoformat(),
+                    "task_ids": list(recorded.task_ids),
+                    "fault": recorded.fault,
+                }
+                for recorded in page
+            ],
+            "next": after + len(page),
         }
         return _json(200, body)
 

@@ -712,6 +712,9 @@ async def test_control_endpoints(sim: Simulator, clock: FakeClock) -> None:
             await kling.get(f"/v1/videos/text2video/{task_id}")
             await kling.get("/v1/videos/text2video")
         stats = (await client.get("/_sim/stats")).json()
+        logged = (await client.get("/_sim/requests")).json()
+        rest = (await client.get("/_sim/requests", params={"after": 1, "limit": 5})).json()
+        bad_page = await client.get("/_sim/requests", params={"limit": 0})
     assert one.status_code == 201 and one.json()["final_status"] == "failed"
     assert [t["provider"] for t in many.json()] == ["kie", "acedata"]
     assert bad.status_code == 422 and "colour" in bad.json()["error"]["message"]
@@ -722,6 +725,12 @@ async def test_control_endpoints(sim: Simulator, clock: FakeClock) -> None:
     assert bad_faults.status_code == 422 and sim.faults.drop == 0.5
     assert stats["requests"]["kling"] == {"query": 1, "list": 1}
     assert stats["tasks"] == 3 and stats["requests_total"] == 2
+    assert [(r["kind"], r["task_ids"], r["status"]) for r in logged["requests"]] == [
+        ("query", [task_id], 200),
+        ("list", [], 200),
+    ]
+    assert logged["next"] == 2 and rest == {"requests": logged["requests"][1:], "next": 2}
+    assert bad_page.status_code == 422
 
 
 async def test_environ_points_at_the_simulator(sim: Simulator) -> None:
