@@ -105,6 +105,10 @@ class DeliveryUpdate:
 class TaskRow:
     task: Task
     data: str  # `rows.task_to_json(task)`
+    # The row exists and none of its indexed columns (status, source, external id) moved:
+    # an update of the rest (poll time, version, JSON) does, and costs no index rewrite.
+    # Most polls change nothing else.
+    in_place: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,7 @@ class _Batch:
 
     def __init__(self, tasks: dict[TaskRef, Task | None]) -> None:
         self.tasks = tasks
+        self.stored = dict(tasks)  # as the database holds them, before this batch
         self.writes = Writes()
         self.public: dict[TaskRef, str] = {}  # each written task's public JSON, encoded once
         self.event_index: dict[int, int] = {}  # id(op) -> index of its event in writes.events
@@ -214,7 +219,14 @@ class _Batch:
         updated = change.task
         self.tasks[updated.ref] = updated
         self.public[updated.ref] = public = public_json(updated)
-        self.writes.tasks[updated.ref] = TaskRow(updated, task_to_json(updated, public))
+        stored = self.stored.get(updated.ref)
+        in_place = (
+            stored is not None
+            and stored.status is updated.status
+            and stored.source is updated.source
+            and stored.external_task_id == updated.external_task_id
+        )
+        self.writes.tasks[updated.ref] = TaskRow(updated, task_to_json(updated, public), in_place)
         if change.event is not None:
             self.event_index[id(op)] = len(self.writes.events)
             self.writes.events.append(

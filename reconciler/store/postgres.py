@@ -124,6 +124,14 @@ ON CONFLICT (provider, task_id) DO UPDATE SET
     external_task_id = excluded.external_task_id, updated_at = excluded.updated_at,
     next_poll_at = excluded.next_poll_at, version = excluded.version, data = excluded.data
 """
+# Tasks whose indexed columns did not move (see batch.TaskRow.in_place).
+_UPDATE_TASKS_IN_PLACE = """
+UPDATE tasks AS t SET updated_at = u.updated_at, next_poll_at = u.next_poll_at,
+    version = u.version, data = u.data
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[],
+            $6::text[]) AS u(provider, task_id, updated_at, next_poll_at, version, data)
+WHERE t.provider = u.provider AND t.task_id = u.task_id
+"""
 _UPDATE_DELIVERIES = """
 UPDATE deliveries AS d SET outcome = u.outcome, error = u.error, task_id = u.task_id
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(id, outcome, error, task_id)
@@ -240,7 +248,9 @@ class _Transaction:
                     9,
                 ),
             )
-        if writes.tasks:
+        upserts = [row for row in writes.tasks.values() if not row.in_place]
+        in_place = [row for row in writes.tasks.values() if row.in_place]
+        if upserts:
             await conn.execute(
                 _UPSERT_TASKS,
                 *_columns(
@@ -257,10 +267,29 @@ class _Transaction:
                             task.version,
                             row.data,
                         )
-                        for row in writes.tasks.values()
+                        for row in upserts
                         for task in (row.task,)
                     ],
                     10,
+                ),
+            )
+        if in_place:
+            await conn.execute(
+                _UPDATE_TASKS_IN_PLACE,
+                *_columns(
+                    [
+                        (
+                            task.provider,
+                            task.task_id,
+                            task.updated_at,
+                            task.next_poll_at,
+                            task.version,
+                            row.data,
+                        )
+                        for row in in_place
+                        for task in (row.task,)
+                    ],
+                    6,
                 ),
             )
         if writes.delivery_updates:

@@ -85,6 +85,10 @@ ON CONFLICT (provider, task_id) DO UPDATE SET
     external_task_id = excluded.external_task_id, updated_at = excluded.updated_at,
     next_poll_at = excluded.next_poll_at, version = excluded.version, data = excluded.data
 """
+_UPDATE_TASK_IN_PLACE = """
+UPDATE tasks SET updated_at = ?, next_poll_at = ?, version = ?, data = ?
+WHERE provider = ? AND task_id = ?
+"""
 _INSERT_EVENT = (
     "INSERT INTO events (seq, provider, task_id, type, at, body) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -204,8 +208,25 @@ class _Transaction:
                 ],
             )
         if writes.tasks:
+            rows = writes.tasks.values()
             db.executemany(
-                _UPSERT_TASK, [_task_row(row.task, row.data) for row in writes.tasks.values()]
+                _UPSERT_TASK, [_task_row(row.task, row.data) for row in rows if not row.in_place]
+            )
+            db.executemany(
+                _UPDATE_TASK_IN_PLACE,
+                [
+                    (
+                        epoch(task.updated_at),
+                        epoch(task.next_poll_at) if task.next_poll_at else None,
+                        task.version,
+                        row.data,
+                        task.provider,
+                        task.task_id,
+                    )
+                    for row in rows
+                    if row.in_place
+                    for task in (row.task,)
+                ],
             )
         if writes.delivery_updates:
             db.executemany(

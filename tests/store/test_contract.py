@@ -258,3 +258,45 @@ async def test_a_lone_replica_leads_at_once(any_store: Store) -> None:
     async with asyncio.timeout(10), any_store.leadership() as lost:
         assert not lost.is_set()
         await any_store.ping()  # the lock holds no connection a reader needs
+
+
+async def test_a_change_that_moves_no_indexed_column_is_read_back_everywhere(
+    any_store: Store,
+) -> None:
+    """Most polls change only the poll time, the counters and the JSON: the row is updated
+    in place. Every read must still see it, and a batch that also moves its status must
+    not lose that move."""
+    ref = TaskRef("kie", "quiet")
+    await any_store.apply([ref], creating(ref))
+
+    def polled(seconds: float) -> Decide:
+        def decide(task: Task | None) -> Change | None:
+            assert task is not None
+            later = NOW + timedelta(seconds=seconds)
+            return Change(
+                task.replace(polls=task.polls + 1, version=task.version + 1, next_poll_at=later),
+                None,
+            )
+
+        return decide
+
+    await any_store.apply([ref], polled(200))
+    task = await any_store.get_task(ref)
+    assert task is not None and (task.polls, task.version) == (1, 2)
+    assert task.next_poll_at == NOW + timedelta(seconds=200)
+    assert await any_store.next_due_at() == NOW + timedelta(seconds=200)
+    assert [t.task_id for t in await any_store.list_tasks(status="submitted")] == ["quiet"]
+
+    # In one batch: a quiet change, then a status move, then another quiet change.
+    await asyncio.gather(
+        any_store.apply([ref], polled(300)),
+        any_store.apply([ref], progressing(50)),
+        any_store.apply([ref], polled(400)),
+    )
+    task = await any_store.get_task(ref)
+    assert task is not None and task.status is Status.PROCESSING and task.progress == 50
+    assert task.next_poll_at == NOW + timedelta(seconds=400) and task.version == 5
+    assert await any_store.list_tasks(status="submitted") == []
+    assert [t.task_id for t in await any_store.list_tasks(status="processing")] == ["quiet"]
+    counts = {(s.status, s.source): s.count for s in await any_store.settled_counts()}
+    assert counts == {("processing", "register"): 1}
