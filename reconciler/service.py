@@ -51,6 +51,8 @@ from reconciler.state import Registration, expire, fail, merge, new_task, regist
 from reconciler.store import Store
 from reconciler.store.base import (
     Accepted,
+    Applying,
+    ApplyResult,
     IngestResult,
     ListPosition,
     NewDelivery,
@@ -340,8 +342,12 @@ class Service:
 
     # --- polling (called by the reconciler loop) ---------------------------------------
 
-    async def lease_due(self, limit: int, lease_seconds: float) -> list[Task]:
-        return await self.store.lease_due(self.clock.now(), limit, lease_seconds)
+    async def lease_due(
+        self, limit: int, lease_seconds: float, now: datetime | None = None
+    ) -> list[Task]:
+        """Take up to `limit` due tasks for a poll; each is held (its `next_poll_at` moved
+        to `now + lease_seconds`) until its poll's result, a hand-back, or the lease's end."""
+        return await self.store.lease_due(now or self.clock.now(), limit, lease_seconds)
 
     async def next_due_at(self) -> datetime | None:
         return await self.store.next_due_at()
@@ -351,27 +357,37 @@ class Service:
         result = await self.store.apply([task.ref], lambda current: _maybe(current, expire, now))
         return result.task
 
-    async def settle_poll(self, task: Task, result: PollResult) -> Task | None:
-        """Apply one task's poll result: an observation, or a task-level error."""
+    async def settle_polls(
+        self, tasks: Sequence[Task], results: Sequence[PollResult]
+    ) -> list[Task | Exception | None]:
+        """Apply one exchange's results, one per task (an observation, or a task-level
+        error), as one store operation. Per task: the task as written (None if it was gone
+        or already terminal), or the exception its rule raised."""
         now = self.clock.now()
-        ref = task.ref
-        timing = self.timings[ref.provider]
-        outcome = result.error.outcome if result.error is not None else "observed"
-        self.metrics.polls.labels(ref.provider, outcome).inc()
 
-        def decide(current: Task | None) -> Change | None:
-            if current is None or current.terminal:
-                return None
-            # The answer first, then the deadline: a poll at the deadline is the task's last
-            # look, and a video finished by then is kept rather than thrown away as expired.
-            if result.observation is not None:
-                change = self._observe(ref, current, result.observation, Source.POLL, now)
-            else:
-                change = self._task_error(current, result.error, now, timing)
-            return _expired_at_deadline(current, change, now)
+        def deciding(task: Task, result: PollResult) -> Applying:
+            ref = task.ref
+            timing = self.timings[ref.provider]
+            outcome = result.error.outcome if result.error is not None else "observed"
+            self.metrics.polled(ref.provider, outcome)
 
-        applied = await self.store.apply([ref], decide)
-        return applied.task
+            def decide(current: Task | None) -> Change | None:
+                if current is None or current.terminal:
+                    return None
+                # The answer first, then the deadline: a poll at the deadline is the task's
+                # last look, and a video finished by then is kept rather than thrown away.
+                if result.observation is not None:
+                    change = self._observe(ref, current, result.observation, Source.POLL, now)
+                else:
+                    change = self._task_error(current, result.error, now, timing)
+                return _expired_at_deadline(current, change, now)
+
+            return Applying([ref], decide)
+
+        applied = await self.store.apply_many(
+            [deciding(task, result) for task, result in zip(tasks, results, strict=True)]
+        )
+        return [_written(result) for result in applied]
 
     def _task_error(
         self, current: Task, error: ProviderError | None, now: datetime, timing: Timing
@@ -398,7 +414,7 @@ class Service:
         delay = error.delay
         now = self.clock.now()
         for task in tasks:
-            self.metrics.polls.labels(task.provider, error.outcome).inc()
+            self.metrics.polled(task.provider, error.outcome)
         timing_of = self.timings
 
         def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
@@ -416,28 +432,42 @@ class Service:
 
             return decide
 
-        applied = await asyncio.gather(*(self.store.apply([t.ref], backoff(t.ref)) for t in tasks))
-        return [result.task for result in applied]
+        applied = await self.store.apply_many([Applying([t.ref], backoff(t.ref)) for t in tasks])
+        return [None if isinstance(result, Exception) else result.task for result in applied]
 
     async def defer(
-        self, tasks: Sequence[Task], until: datetime, *, met: ProviderError | None = None
+        self,
+        tasks: Sequence[Task],
+        until: datetime,
+        *,
+        leases: Mapping[TaskRef, datetime] | None = None,
+        met: ProviderError | None = None,
     ) -> None:
         """Hand leased tasks back due at `until` (see `schedule.handed_back`) without counting
         a failed poll: the loop held them for a provider's own limits (rate, Retry-After,
-        breaker, pause), not because anything went wrong with them. `met`: the provider-wide
-        answer their exchange got (429, 401), counted as their poll's outcome."""
+        breaker, pause), not because anything went wrong with them. With `leases` (each task's
+        poll time as its lease wrote it), only a task still under that lease is handed back:
+        one that a webhook re-planned, or `poll` made due, meanwhile keeps its new time.
+        `met`: the provider-wide answer their exchange got (429, 401), counted as their
+        outcome."""
         now = self.clock.now()
         if met is not None:
             for task in tasks:
-                self.metrics.polls.labels(task.provider, met.outcome).inc()
+                self.metrics.polled(task.provider, met.outcome)
 
-        def hold(current: Task | None) -> Change | None:
-            if current is None or current.terminal:
-                return None
-            due = schedule.handed_back(current, now, until)
-            return Change(current.replace(next_poll_at=due), None)
+        def hold(leased_until: datetime | None) -> Callable[[Task | None], Change | None]:
+            def decide(current: Task | None) -> Change | None:
+                if current is None or current.terminal:
+                    return None
+                if leased_until is not None and current.next_poll_at != leased_until:
+                    return None  # no longer under the lease this loop took
+                due = schedule.handed_back(current, now, until)
+                return Change(current.replace(next_poll_at=due), None)
 
-        await asyncio.gather(*(self.store.apply([t.ref], hold) for t in tasks))
+            return decide
+
+        leased = leases or {}
+        await self.store.apply_many([Applying([t.ref], hold(leased.get(t.ref))) for t in tasks])
 
     async def poll_now(self, ref: TaskRef) -> Task:
         """`POST /tasks/…/poll`: make the task due now and wait for it to change. The commit
@@ -581,6 +611,10 @@ def _expired_at_deadline(before: Task, change: Change | None, now: datetime) -> 
     assert expired is not None
     # One event for the pair: the expiry, from the status the task had before this change.
     return Service._planned(Change(expired.task, expired.event, before.status), None)
+
+
+def _written(result: ApplyResult | Exception) -> Task | Exception | None:
+    return result if isinstance(result, Exception) else result.task
 
 
 def _maybe(

@@ -31,7 +31,7 @@ from reconciler.limits import (
     RECHECK_SECONDS,
     BreakerState,
 )
-from reconciler.model import Observation, Source, Status, Task, TaskRef
+from reconciler.model import Change, Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PollResult
 from reconciler.reconciler import PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
@@ -883,12 +883,12 @@ async def test_success_without_url_is_polled_soon_then_failed(
         task = await h.task(*ref)
         empty = PollResult("no-url", Observation("no-url", Status.COMPLETED, "succeed"))
 
-        settled = await h.service.settle_poll(task, empty)
+        [settled] = await h.service.settle_polls([task], [empty])
         assert settled is not None and settled.status is Status.PROCESSING
         assert settled.next_poll_at == clock.now() + timedelta(seconds=10)  # soon
 
         clock.advance(121)
-        settled = await h.service.settle_poll(settled, empty)
+        [settled] = await h.service.settle_polls([settled], [empty])
         assert settled is not None and settled.status is Status.FAILED
         assert settled.error == RESULT_MISSING_ERROR and settled.next_poll_at is None
 
@@ -900,6 +900,80 @@ async def test_an_unknown_status_word_keeps_the_task_polled(
         ref = await register(h, "gateway", "odd", "text2video")
         task = await h.task(*ref)
         odd = PollResult("odd", Observation("odd", None, "UNKNOWN"))
-        settled = await h.service.settle_poll(task, odd)
+        [settled] = await h.service.settle_polls([task], [odd])
         assert settled is not None and not settled.terminal
         assert settled.provider_status == "UNKNOWN" and settled.next_poll_at is not None
+
+
+async def test_run_fills_a_waiting_batch_with_tasks_that_fall_due_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """AceData takes 50 tasks a request. When polls fall due one by one faster than its rate
+    allows requests, a batch waiting for its turn is filled up by the passes after it: each
+    request carries what fell due meanwhile, instead of one request per pass."""
+    clock = WatchedClock()
+    async with (
+        Simulator(clock=clock, seed=3).serve() as sim,
+        harness(tmp_path, clock, sim, env={"ACEDATA_RATE_LIMIT": "5"}) as h,
+    ):
+        refs = []
+        for _ in range(100):
+            created = sim.create_task("acedata", finish_after=3600)
+            refs.append(await register(h, "acedata", created.task_id, "text2video"))
+            clock.advance(0.001)  # due one millisecond apart
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(FIRST_POLL_AFTER - 0.1)
+
+            def asked() -> int:
+                return len({i for r in requests_of(sim, "acedata") for i in r.task_ids})
+
+            def settled(after: datetime) -> bool:
+                """The loop sleeps again, and nobody waits for a moment already past."""
+                return h.loop.alarm.next_look in clock.sleeping and all(
+                    when is None or when > after for when in clock.sleeping
+                )
+
+            now = clock.now()
+            for _ in range(1000):
+                await clock.until(lambda now=now: settled(now))
+                if asked() >= len(refs):
+                    break
+                now = clock.next_wake()  # the next moment anyone waits for
+                clock.set(now)
+            sent = requests_of(sim, "acedata")
+            assert asked() == len(refs)
+            # Batches filled up while they waited; one per pass would have been 100 requests.
+            assert len(sent) <= 4, [len(r.task_ids) for r in sent]
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+
+
+async def test_a_hand_back_leaves_a_task_rescheduled_since_its_lease(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """The loop hands a leased task back (its provider's limits) only while the task is
+    still under that lease: one made due meanwhile (`POST …/poll`, or a webhook that
+    re-planned it) keeps its new time."""
+    async with harness(tmp_path, clock, sim) as h:
+        created = sim.create_task("kie", action="jobs", finish_after=3600)
+        provider, task_id = await register(h, "kie", created.task_id, "jobs")
+        clock.advance(FIRST_POLL_AFTER)
+        now = clock.now()
+        [leased] = await h.service.lease_due(10, 120, now)
+        lease = {leased.ref: now + timedelta(seconds=120)}
+        later = now + timedelta(seconds=30)
+
+        # Made due meanwhile, as `POST /tasks/…/poll` does.
+        made_due = await h.served.runtime.store.apply(
+            [leased.ref], lambda t: None if t is None else Change(t.replace(next_poll_at=now), None)
+        )
+        assert made_due.task is not None
+        await h.service.defer([leased], later, leases=lease)
+        assert (await h.task(provider, task_id)).next_poll_at == now  # kept: not our lease
+
+        [again] = await h.service.lease_due(10, 120, now)
+        await h.service.defer([again], later, leases=lease)
+        assert (await h.task(provider, task_id)).next_poll_at == later  # still ours: back

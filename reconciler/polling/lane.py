@@ -2,7 +2,8 @@
 connection pool, and the batches waiting in memory for their turn.
 
 A batch whose slot is near (within `WAIT_HORIZON_SECONDS`) waits here rather than being
-handed back to the database, which would cost a write and a pass per batch. It waits on the
+handed back to the database, which would cost a write and a pass per batch, and later passes
+fill it up while it waits (`fill`). It waits on the
 clock for its slot, and for an exchange to end when only the concurrency limit or a probe
 in flight is in the way: an ending exchange wakes the first batch waiting for room, and a
 probe's verdict wakes them all. Nothing here decides what happens to tasks.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +21,7 @@ import httpx
 
 from reconciler.clock import Clock
 from reconciler.limits import Permit, ProviderLimits, after
+from reconciler.model import Task
 from reconciler.providers import Provider
 
 # Batches a provider can take within this many seconds wait for their turn in memory;
@@ -53,6 +56,13 @@ class Lane:
         # are removed from its queue one by one (quadratic at a timeout).
         self._waiters: set[asyncio.Event] = set()
         self._stopping = False
+        # Batches waiting here for their turn, and per batch key the newest of them while it
+        # is not full: a later pass fills it up instead of starting a smaller batch of its
+        # own. Batches are made when they can be sent, not when their tasks were leased: with
+        # polls falling due faster than the provider's rate, each request carries as many
+        # tasks as it can, instead of the few that fell due since the previous pass.
+        self.waiting = 0
+        self.filling: dict[Hashable, list[Task]] = {}
 
     @property
     def configured(self) -> bool:
@@ -128,6 +138,34 @@ class Lane:
                 wake.set()
                 if not permit.probe:
                     return
+
+    def fill(self, tasks: list[Task]) -> list[Task]:
+        """Add what fits of `tasks` to the batches waiting here; returns the rest."""
+        if not self.filling:
+            return tasks
+        size = max(1, self.provider.batch_size)
+        rest = []
+        for task in tasks:
+            batch = self.filling.get(self.provider.batch_key(task))
+            if batch is not None and len(batch) < size:
+                batch.append(task)
+            else:
+                rest.append(task)
+        return rest
+
+    def queued(self, batch: list[Task]) -> None:
+        """`batch` waits here for its turn (and may be filled up meanwhile)."""
+        self.waiting += 1
+        if batch and len(batch) < max(1, self.provider.batch_size):
+            self.filling[self.provider.batch_key(batch[0])] = batch
+
+    def dequeued(self, batch: list[Task]) -> None:
+        """`batch` got its turn, or went back to the database: no more tasks join it."""
+        self.waiting -= 1
+        if batch:
+            key = self.provider.batch_key(batch[0])
+            if self.filling.get(key) is batch:
+                del self.filling[key]
 
     def stop_waiting(self) -> None:
         """Release every batch waiting here: the loop is stopping."""

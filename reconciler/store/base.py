@@ -29,6 +29,16 @@ from reconciler.model import Change, Delivery, EventRow, Outcome, Task, TaskRef
 Decide = Callable[[Task | None], Change | None]
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class Applying:
+    """One decision of `Store.apply_many`: the task (first existing candidate wins, else the
+    first is created) and the pure rule that decides what becomes of it."""
+
+    candidates: Sequence[TaskRef]
+    decide: Decide
+    delivery_id: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
     provider: str
@@ -103,6 +113,11 @@ class Store(Protocol):
     async def apply(
         self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
     ) -> ApplyResult: ...
+
+    async def apply_many(self, items: Sequence[Applying]) -> list[ApplyResult | Exception]:
+        """Several `apply`s as one operation (the results of one poll exchange): each item
+        decided on its own, its result or the exception its rule raised, in order."""
+        ...
 
     async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult: ...
 

@@ -31,6 +31,7 @@ from reconciler.errors import StoreError
 from reconciler.model import Change, Commit, Outcome, Task, TaskRef
 from reconciler.store.base import (
     Accepted,
+    Applying,
     ApplyResult,
     Decide,
     IngestResult,
@@ -63,9 +64,10 @@ class Ingest(Op):
 
 @dataclass(eq=False)
 class Apply(Op):
-    candidates: Sequence[TaskRef]
-    decide: Decide
-    delivery_id: int | None
+    """Decisions about several tasks, each applied on its own (one failing rule fails only
+    its own item): the results of one poll exchange, one hand-back, one registration."""
+
+    items: Sequence[Applying]
 
 
 @dataclass(eq=False)
@@ -190,7 +192,8 @@ class _Batch:
         self.stored = dict(tasks)  # as the database holds them, before this batch
         self.writes = Writes()
         self.public: dict[TaskRef, str] = {}  # each written task's public JSON, encoded once
-        self.event_index: dict[int, int] = {}  # id(op) -> index of its event in writes.events
+        # id() of an operation or an Applying -> the index of its event in writes.events
+        self.event_index: dict[int, int] = {}
 
     def json_of(self, task: Task | None) -> str | None:
         """`task`'s public JSON: as this batch encoded it when it wrote this version, else
@@ -210,7 +213,7 @@ class _Batch:
         return None
 
     def decide(
-        self, op: Op, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None
+        self, key: object, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None
     ) -> tuple[Task | None, Change | None]:
         task = self.pick(candidates)
         change = decide(task)
@@ -228,7 +231,7 @@ class _Batch:
         )
         self.writes.tasks[updated.ref] = TaskRow(updated, task_to_json(updated, public), in_place)
         if change.event is not None:
-            self.event_index[id(op)] = len(self.writes.events)
+            self.event_index[id(key)] = len(self.writes.events)
             self.writes.events.append(
                 EventRecord(
                     updated.provider,
@@ -290,7 +293,8 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
         if isinstance(plan, Accepted):
             writing.update(plan.candidates)
         elif isinstance(op, Apply):
-            writing.update(op.candidates)
+            for item in op.items:
+                writing.update(item.candidates)
     bodies = {(op.delivery.provider, op.delivery.sha256) for op in ingests}
     await tx.lock([body_key(*key) for key in bodies] + [task_key(ref) for ref in writing])
 
@@ -339,19 +343,29 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
     # COMMIT, so writers commit in seq order and a reader never sees seq N+1 before N.
     earliest_due = min(due, default=None)
     first_seq = await tx.append(writes.events, earliest_due)
-    for index, op in enumerate(ops):
-        event = batch.event_index.get(id(op))
-        if event is not None and isinstance(result := results[index], ApplyResult):
-            results[index] = ApplyResult(result.task, result.created, first_seq + event)
+    for op, result in zip(ops, results, strict=True):
+        if isinstance(op, Apply) and isinstance(result, list):
+            for position, (item, applied) in enumerate(zip(op.items, result, strict=True)):
+                event = batch.event_index.get(id(item))
+                if event is not None and isinstance(applied, ApplyResult):
+                    result[position] = ApplyResult(applied.task, applied.created, first_seq + event)
     events = len(writes.events)
     return results, Commit(first_seq + events - 1 if events else 0, events, earliest_due)
 
 
 def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:
     if isinstance(op, Apply):
-        existed = batch.pick(op.candidates) is not None
-        task, _ = batch.decide(op, op.candidates, op.decide, op.delivery_id)
-        return ApplyResult(task, created=not existed and task is not None, event_seq=None)
+        applied: list[ApplyResult | Exception] = []
+        for item in op.items:
+            try:
+                existed = batch.pick(item.candidates) is not None
+                task, _ = batch.decide(item, item.candidates, item.decide, item.delivery_id)
+            except Exception as failed:  # a bug in one rule fails only its own item
+                logger.exception("a decision failed inside the write batch")
+                applied.append(failed)
+                continue
+            applied.append(ApplyResult(task, not existed and task is not None, None))
+        return applied
     if isinstance(op, Ingest):
         delivery_id: int = next(new_ids)
         outcome, task, error = batch.settle_delivery(op, plan, delivery_id)
@@ -456,3 +470,36 @@ class Writer:
                     ops.append(op)
             if ops:
                 await self._run(ops)
+
+
+class Batched:
+    """The write operations of the `Store` protocol, queued to the backend's `Writer`: what
+    every backend offers the same way (each runs the batches in its own `Transaction`)."""
+
+    _writer: Writer
+
+    async def ingest(self, delivery: NewDelivery, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._writer.submit(Ingest(delivery, interpret))
+        return result
+
+    async def apply(
+        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
+    ) -> ApplyResult:
+        [result] = await self.apply_many([Applying(candidates, decide, delivery_id)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def apply_many(self, items: Sequence[Applying]) -> list[ApplyResult | Exception]:
+        if not items:
+            return []
+        results: list[ApplyResult | Exception] = await self._writer.submit(Apply(items))
+        return results
+
+    async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult:
+        result: IngestResult = await self._writer.submit(Replay(delivery_id, interpret))
+        return result
+
+    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
+        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds))
+        return result

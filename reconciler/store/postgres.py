@@ -47,21 +47,14 @@ from reconciler.errors import MigrationError, StoreError
 from reconciler.model import Commit, Delivery, EventRow, Outcome, Task, TaskRef
 from reconciler.store import migrations
 from reconciler.store.base import (
-    ApplyResult,
-    Decide,
-    IngestResult,
-    Interpret,
     ListPosition,
     NewDelivery,
     Settled,
 )
 from reconciler.store.batch import (
-    Apply,
+    Batched,
     EventRecord,
-    Ingest,
-    Lease,
     Op,
-    Replay,
     Writer,
     Writes,
     fail,
@@ -323,7 +316,7 @@ class _Transaction:
         return last_seq - len(events) + 1
 
 
-class PostgresStore:
+class PostgresStore(Batched):
     def __init__(
         self,
         url: str,
@@ -405,24 +398,6 @@ class PostgresStore:
         return conn
 
     # --- writes ----------------------------------------------------------------------------
-
-    async def ingest(self, delivery: NewDelivery, interpret: Interpret) -> IngestResult:
-        result: IngestResult = await self._writer.submit(Ingest(delivery, interpret))
-        return result
-
-    async def apply(
-        self, candidates: Sequence[TaskRef], decide: Decide, delivery_id: int | None = None
-    ) -> ApplyResult:
-        result: ApplyResult = await self._writer.submit(Apply(candidates, decide, delivery_id))
-        return result
-
-    async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult:
-        result: IngestResult = await self._writer.submit(Replay(delivery_id, interpret))
-        return result
-
-    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
-        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds))
-        return result
 
     async def _run(self, ops: list[Op]) -> None:
         """One batch as one transaction; run again from the start (the decisions are pure)

@@ -54,7 +54,7 @@ async def settle(live: Live) -> None:
     for task_id, result in results.items():
         task = await service.store.get_task(TaskRef("kling", task_id))
         assert task is not None
-        settled = await service.settle_poll(task, result)
+        [settled] = await service.settle_polls([task], [result])
         assert settled is not None and settled.terminal
     task, _ = await service.register("kie", "k0")
     assert (await service.expire(task)) is not None
