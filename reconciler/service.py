@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from reconciler import codec, schedule
@@ -54,7 +54,9 @@ from reconciler.store.base import (
     IngestResult,
     ListPosition,
     NewDelivery,
+    Pruned,
     Rejected,
+    RowKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -536,6 +538,37 @@ class Service:
 
     async def last_seq(self) -> int:
         return await self.store.last_seq()
+
+    # --- retention (SPEC §5), run by `retention.Retention` and `reconciler prune` ------
+
+    def retention_cutoff(self, kind: RowKind) -> datetime | None:
+        """Rows of `kind` older than this go; None when they are kept forever."""
+        seconds = {
+            RowKind.EVENTS: self.settings.retain_events,
+            RowKind.DELIVERIES: self.settings.retain_deliveries,
+            RowKind.TASKS: self.settings.retain_tasks,
+        }[kind]
+        return None if seconds == 0 else self.clock.now() - timedelta(seconds=seconds)
+
+    async def prune(self, kind: RowKind, limit: int, after: int = 0) -> Pruned:
+        """One small batch of `kind` past its retention (nothing when kept forever)."""
+        cutoff = self.retention_cutoff(kind)
+        if cutoff is None:
+            return Pruned(0, False, after)
+        pruned = await self.store.prune(kind, cutoff, limit, after)
+        self.metrics.pruned.labels(kind.value).inc(pruned.removed)
+        return pruned
+
+    async def prunable(self, kind: RowKind) -> int:
+        """How many rows of `kind` a prune would remove now (`reconciler prune --dry-run`)."""
+        cutoff = self.retention_cutoff(kind)
+        return 0 if cutoff is None else await self.store.prunable(kind, cutoff)
+
+    async def oldest_seq(self) -> int:
+        return await self.store.oldest_seq()
+
+    async def database_bytes(self) -> int:
+        return await self.store.size_bytes()
 
     # --- operations: /readyz, /metrics and the dashboard's /stats ----------------------
 
