@@ -230,9 +230,26 @@ def tail(env_file: str | None, url: str | None, after: int, follow: bool) -> Non
         pass
 
 
+def _check_cursor(response: httpx.Response, after: int) -> None:
+    """A cursor that fell off the log (410): say so in one line, with where to start again."""
+    if response.status_code != 410:
+        return
+    try:
+        oldest = int(response.json()["error"]["oldest_seq"])
+    except (ValueError, KeyError, TypeError):
+        return  # not our answer: `_check` reports it as it is
+    fail(
+        f"events after seq {after} were pruned (the oldest kept is seq {oldest}); "
+        f"start again with --after {oldest - 1} or --after 0",
+        1,
+    )
+
+
 def _page_all(client: httpx.Client, after: int) -> Iterator[str]:
     while True:
-        page = _check(client.get("/events", params={"after": after, "limit": 1000}))
+        response = client.get("/events", params={"after": after, "limit": 1000})
+        _check_cursor(response, after)
+        page = _check(response)
         for event in page["events"]:
             yield json.dumps(event, separators=(",", ":"))
         if not page["events"]:
@@ -253,6 +270,7 @@ def _follow(client: httpx.Client, after: int) -> Iterator[str]:
         ) as response:
             if response.is_error:
                 response.read()
+                _check_cursor(response, after)
                 _check(response)
             for line in response.iter_lines():
                 if line.startswith("id:"):

@@ -93,6 +93,22 @@ class UnknownTask(ReconcilerError):
     pass
 
 
+class CursorExpired(ReconcilerError):
+    """A reader's cursor fell off the log: retention pruned events it has not read (410).
+
+    `after` has fallen off when `after < oldest_seq - 1`, `oldest_seq` being the seq of the
+    oldest kept event, or the seq the next event will get when retention pruned every one.
+    `after=0` never falls off: it means "from the oldest kept event"."""
+
+    def __init__(self, after: int, oldest_seq: int) -> None:
+        super().__init__(
+            f"events after seq {after} were pruned: the oldest kept event is seq {oldest_seq}; "
+            f"read again from after={oldest_seq - 1} (or after=0)"
+        )
+        self.after = after
+        self.oldest_seq = oldest_seq
+
+
 # The longest "poll now" waits for its answer (as `GET /tasks/…?wait=` at most).
 POLL_NOW_MAX_WAIT_SECONDS = 60.0
 
@@ -529,6 +545,8 @@ class Service:
         while True:
             seen = self.feed.last_seq
             rows = await self.store.events_after(cursor, limit, provider, task_id)
+            if cursor == after:
+                await self.check_cursor(after, rows)
             remaining = deadline - asyncio.get_running_loop().time()
             if rows or remaining <= 0:
                 return rows
@@ -538,6 +556,17 @@ class Service:
 
     async def last_seq(self) -> int:
         return await self.store.last_seq()
+
+    async def check_cursor(self, after: int, read: Sequence[EventRow] = ()) -> None:
+        """Raise `CursorExpired` when `after` fell off the log. `read` is what was just read
+        after it, if anything: checked *after* that read, so a prune that committed in
+        between is seen. A first event right after the cursor proves nothing was skipped,
+        and costs no query."""
+        if after == 0 or (read and read[0].seq == after + 1):
+            return
+        oldest = await self.store.oldest_seq()
+        if after < oldest - 1:
+            raise CursorExpired(after, oldest)
 
     # --- retention (SPEC §5), run by `retention.Retention` and `reconciler prune` ------
 
