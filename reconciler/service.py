@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from reconciler import codec, schedule
 from reconciler.clock import Clock
 from reconciler.config import MAX_DURATION_SECONDS, Settings
-from reconciler.errors import BadPayload, ProviderError, ReconcilerError, Verdict
+from reconciler.errors import BadPayload, ProviderError, ReconcilerError, StoreError, Verdict
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
 from reconciler.model import (
@@ -598,6 +598,21 @@ class Service:
 
     async def database_bytes(self) -> int:
         return await self.store.size_bytes()
+
+    async def write_failure(self, timeout_seconds: float = 2.0) -> str | None:
+        """Why the store cannot commit, for /readyz; None when it can. After a failed write
+        this tries a tiny one (`Store.probe`), so readiness comes back by itself when the
+        disk has room again, even when no traffic arrives to show it (a load balancer sends
+        none to a replica that is not ready)."""
+        if self.store.write_failure() is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self.store.probe()
+        except (TimeoutError, StoreError):
+            pass
+        failure = self.store.write_failure()
+        return None if failure is None else f"database cannot commit writes: {failure}"
 
     # --- operations: /readyz, /metrics and the dashboard's /stats ----------------------
 

@@ -480,8 +480,8 @@ PATHS: dict[str, Any] = {
     "/readyz": {
         "get": {
             "tags": ["operations"],
-            "summary": "Readiness: database reachable and migrated, loop running, "
-            "provider credentials accepted",
+            "summary": "Readiness: database reachable, migrated and able to commit (not out "
+            "of disk space), loop running, provider credentials accepted",
             "security": OPEN,
             "responses": {
                 "200": ok("Ready", "Ready for traffic."),
