@@ -25,8 +25,8 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from reconciler.errors import StoreError
+from reconciler.model import RowKind
 from reconciler.service import Service
-from reconciler.store.base import RowKind
 
 logger = logging.getLogger(__name__)
 

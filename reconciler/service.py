@@ -38,6 +38,8 @@ from reconciler.model import (
     EventRow,
     EventType,
     Observation,
+    Pruned,
+    RowKind,
     Source,
     Status,
     Task,
@@ -54,9 +56,7 @@ from reconciler.store.base import (
     IngestResult,
     ListPosition,
     NewDelivery,
-    Pruned,
     Rejected,
-    RowKind,
 )
 
 logger = logging.getLogger(__name__)

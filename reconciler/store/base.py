@@ -20,14 +20,13 @@ decided once for every backend, in `store/batch.py`; a backend runs the statemen
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from reconciler.model import Change, Delivery, EventRow, Outcome, Task, TaskRef
+from reconciler.model import Change, Delivery, EventRow, Outcome, Pruned, RowKind, Task, TaskRef
 
 Decide = Callable[[Task | None], Change | None]
 
@@ -90,24 +89,6 @@ class Settled:
 
 # A position in the newest-first task list: the last task of a page, by creation time and key.
 ListPosition = tuple[datetime, str, str]
-
-
-class RowKind(enum.StrEnum):
-    """What retention prunes, in the order a pass prunes them."""
-
-    EVENTS = "events"
-    DELIVERIES = "deliveries"
-    TASKS = "tasks"
-
-
-@dataclass(frozen=True, slots=True)
-class Pruned:
-    """One prune batch: `removed` rows; `more` when the next batch (from `after`, the last
-    key the batch looked at) may find more to remove."""
-
-    removed: int
-    more: bool
-    after: int = 0
 
 
 class Store(Protocol):

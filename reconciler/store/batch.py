@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from reconciler.errors import StoreError
-from reconciler.model import Change, Commit, Outcome, Task, TaskRef
+from reconciler.model import Change, Commit, Outcome, Pruned, RowKind, Task, TaskRef
 from reconciler.store.base import (
     Accepted,
     ApplyResult,
@@ -37,9 +37,7 @@ from reconciler.store.base import (
     IngestResult,
     Interpret,
     NewDelivery,
-    Pruned,
     Rejected,
-    RowKind,
 )
 from reconciler.store.rows import event_json, public_json, task_to_json
 

@@ -48,7 +48,17 @@ import asyncpg
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import TERMINAL, Commit, Delivery, EventRow, Outcome, Task, TaskRef
+from reconciler.model import (
+    TERMINAL,
+    Commit,
+    Delivery,
+    EventRow,
+    Outcome,
+    Pruned,
+    RowKind,
+    Task,
+    TaskRef,
+)
 from reconciler.store import migrations
 from reconciler.store.base import (
     ApplyResult,
@@ -57,8 +67,6 @@ from reconciler.store.base import (
     Interpret,
     ListPosition,
     NewDelivery,
-    Pruned,
-    RowKind,
     Settled,
 )
 from reconciler.store.batch import (

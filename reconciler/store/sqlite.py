@@ -43,6 +43,8 @@ from reconciler.model import (
     Delivery,
     EventRow,
     Outcome,
+    Pruned,
+    RowKind,
     Task,
     TaskRef,
     iso,
@@ -56,8 +58,6 @@ from reconciler.store.base import (
     Interpret,
     ListPosition,
     NewDelivery,
-    Pruned,
-    RowKind,
     Settled,
 )
 from reconciler.store.batch import (

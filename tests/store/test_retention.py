@@ -19,11 +19,10 @@ import pytest
 
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
-from reconciler.model import TaskRef
+from reconciler.model import Pruned, RowKind, TaskRef
 from reconciler.retention import Retention
 from reconciler.runtime import open_runtime
 from reconciler.service import Service
-from reconciler.store.base import Pruned, RowKind
 from reconciler.store.batch import deliveries_to_prune, events_to_prune
 
 DAY = 86400.0
