@@ -810,8 +810,10 @@ class PostgresStore:
                 await conn.execute(_LOCK_FOR_IMPORT)
                 if not await conn.fetchval(_IS_EMPTY):
                     raise StoreError("the target database is not empty: nothing was copied.")
-                tasks = deliveries = events = 0
+                tasks = deliveries = events = source_seq = source_delivery = 0
                 async for chunk in chunks:
+                    source_seq = max(source_seq, chunk.last_seq)
+                    source_delivery = max(source_delivery, chunk.last_delivery)
                     if chunk.tasks:
                         await conn.copy_records_to_table(
                             "tasks", records=_task_records(chunk.tasks), columns=_TASK_COLUMNS
@@ -829,8 +831,8 @@ class PostgresStore:
                             "events", records=_event_records(chunk.events), columns=_EVENT_COLUMNS
                         )
                         events += len(chunk.events)
-                last_seq: int = await conn.fetchval(_HEAD_AFTER_IMPORT)
-                await conn.execute(_DELIVERY_IDS_AFTER_IMPORT)
+                last_seq: int = await conn.fetchval(_HEAD_AFTER_IMPORT, source_seq)
+                await conn.execute(_DELIVERY_IDS_AFTER_IMPORT, source_delivery)
                 # A replica already running on this database hears of the copy at COMMIT.
                 earliest: datetime | None = await conn.fetchval(_EARLIEST_DUE)
                 await conn.execute(_NOTIFY_HEAD, CHANNEL, f"{last_seq} {_notice(earliest)}")
@@ -929,14 +931,17 @@ _DELIVERY_COLUMNS = (
     "task_id",
 )
 _EVENT_COLUMNS = ("seq", "provider", "task_id", "type", "at", "body")
+# After the largest seq and id copied, or the source's own counters where retention pruned
+# its newest rows ($1: `Chunk.last_seq`, `Chunk.last_delivery`), whichever is larger.
 _HEAD_AFTER_IMPORT = """
-UPDATE log_head SET last_seq = (SELECT coalesce(max(seq), 0) FROM events) WHERE id = 1
+UPDATE log_head SET last_seq = greatest((SELECT coalesce(max(seq), 0) FROM events), $1)
+WHERE id = 1
 RETURNING last_seq
 """
 # is_called = false: the next nextval() returns exactly the largest id + 1 (1 when none).
 _DELIVERY_IDS_AFTER_IMPORT = """
 SELECT setval(pg_get_serial_sequence('deliveries', 'id'),
-              (SELECT coalesce(max(id), 0) + 1 FROM deliveries), false)
+              greatest((SELECT coalesce(max(id), 0) FROM deliveries), $1::bigint) + 1, false)
 """
 _EARLIEST_DUE = "SELECT min(next_poll_at) FROM tasks"
 _NOTIFY_HEAD = "SELECT pg_notify($1, $2)"

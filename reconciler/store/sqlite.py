@@ -716,6 +716,8 @@ class SQLiteStore:
                     yield Chunk(deliveries=[_stored_delivery(row) for row in rows])
                 async for rows in _read_chunks(db, _EXPORT_EVENTS, chunk_rows, chunk_bytes, 5):
                     yield Chunk(events=[_stored_event(row) for row in rows])
+                [(last_seq, last_delivery)] = await db.execute_fetchall(_NEXT_IDS)
+                yield Chunk(last_seq=last_seq, last_delivery=last_delivery)
             finally:
                 with contextlib.suppress(Exception):
                     await db.execute("ROLLBACK")  # it only read

@@ -24,6 +24,7 @@ from reconciler.retention import Retention
 from reconciler.runtime import open_runtime
 from reconciler.service import Service
 from reconciler.store.batch import deliveries_to_prune, events_to_prune
+from reconciler.store.transfer import copy
 
 DAY = 86400.0
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -301,6 +302,29 @@ async def test_replicas_pruning_at_once_remove_each_row_once(
         total = {kind: removed[0][kind] + removed[1][kind] for kind in RowKind}
         assert total == dict.fromkeys(RowKind, 40)
         assert await stored(one.service) == ([], [], [])
+
+
+async def test_a_copy_of_a_pruned_sqlite_database_numbers_on(
+    tmp_path: Path, postgres_url: str, clock: FakeClock
+) -> None:
+    """Retention pruned the SQLite log to nothing: the PostgreSQL copy goes on after the
+    seqs and ids SQLite gave, not from 1 again, so readers' cursors stay valid."""
+    path = tmp_path / "pruned.sqlite"
+    sqlite = Settings.from_environ({"RECONCILER_DATABASE_URL": f"sqlite:///{path}"})
+    async with open_runtime(sqlite, clock) as runtime:
+        for n in range(3):
+            await runtime.service.ingest("kling", {}, kling(f"c{n}"))
+        clock.advance(91 * DAY)
+        await Retention(runtime.service, pause_seconds=0).prune_once()
+        assert await stored(runtime.service) == ([], [], [])
+    copied = await copy(path, postgres_url)
+    assert (copied.events, copied.last_seq) == (0, 3)
+    target = Settings.from_environ({"RECONCILER_DATABASE_URL": postgres_url})
+    async with open_runtime(target, clock) as runtime:
+        assert await runtime.service.oldest_seq() == 4
+        result = await runtime.service.ingest("kling", {}, kling("after"))
+        assert result.delivery_id == 4
+        assert [row.seq for row in await runtime.store.events_after(0, 10)] == [4]
 
 
 # --- SQLite: the file stops growing ---------------------------------------------------------
