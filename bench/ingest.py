@@ -30,6 +30,19 @@ What it measures (SPEC §7, "Webhook ingest"):
   counted, and may exceed it by at most the requests in flight when wrk stopped (wrk does
   not count answers that arrive after its deadline, one per connection per run).
 
+- **Pruning beside the load** (`--prune-backlog N`). The real service runs twice in every
+  group (beside `bare`), both times on a copy of one database seeded beforehand
+  (`seed_backlog`) with N terminal tasks, N deliveries and N events, all 100 days old: past
+  every default retention (30 days, 30 days, 90 days). `kept` runs with retention off
+  (`RECONCILER_RETAIN_*=0`); `pruning` with the defaults, so that retention's pruner starts
+  its first pass at start-up and works through the backlog in its paced batches
+  (`reconciler/retention.py`) while wrk runs. The two differ only by the pruner: the group
+  compares the webhook path with and without pruning beside it, in the same run. Their
+  storage checks count only the deliveries the run stored, and a line after `pruning`'s says
+  how much of the backlog was left when the server stopped (the rest was pruned during its
+  warm-up and run). The half-load run is then made on `kept` and on `pruning`, at half the
+  median rate of `kept`.
+
 - **Latency at half load.** The p99 target is "at half that load". wrk2 is not available,
   so this file has its own **open-loop, constant-rate** generator (`_openloop`, asyncio +
   uvloop + httptools over raw keep-alive connections, pinned to CPU 1): request *i* is due at
@@ -43,6 +56,7 @@ Usage (from the repository root):
     python bench/ingest.py                      # 5 pairs of 10 s, then the half-load run
     python bench/ingest.py --pairs 7 --duration 15
     python bench/ingest.py --quick              # CI smoke: 1 pair of 2 s, 2 s half load
+    python bench/ingest.py --prune-backlog 20000  # the same, with pruning beside the load
 
 Every subprocess and every load run is bounded in time.
 """
@@ -54,12 +68,14 @@ import asyncio
 import collections
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import queue
 import random
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -83,6 +99,10 @@ STOP_TIMEOUT_SECONDS = 20.0
 # Slack on top of a load run's own duration before it is killed.
 RUN_GRACE_SECONDS = 30.0
 LISTENING = re.compile(r"listening on (http://\S+)")
+# The real service: on a new database; on a seeded backlog with retention off; and on the
+# same backlog with the default retention, which prunes it while the load runs.
+SERVICES = ("durable", "kept", "pruning")
+RETAIN = ("RECONCILER_RETAIN_EVENTS", "RECONCILER_RETAIN_DELIVERIES", "RECONCILER_RETAIN_TASKS")
 ID = "@ID@"
 
 # --- the request body ----------------------------------------------------------------------
@@ -209,13 +229,21 @@ def _drain(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def start_server(kind: str, workdir: Path, pin: bool, bare_loop: str = "uvloop") -> Server:
-    """Start `durable` or `bare` on 127.0.0.1, port 0; wait for its "listening on" line."""
+def start_server(
+    kind: str, workdir: Path, pin: bool, bare_loop: str = "uvloop", seed: Path | None = None
+) -> Server:
+    """Start `durable`, `kept` or `pruning` (both on a copy of `seed`), or `bare`, on
+    127.0.0.1, port 0; wait for its "listening on" line."""
     log = workdir / f"{kind}.log"
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_RETAIN_")}
     database = None
-    if kind == "durable":
+    if kind in SERVICES:
         database = workdir / "reconciler.db"
+        if kind != "durable":
+            assert seed is not None
+            shutil.copyfile(seed, database)
+        if kind == "kept":
+            env |= dict.fromkeys(RETAIN, "0")
         env["RECONCILER_DATABASE_URL"] = f"sqlite:///{database}"
         env["RECONCILER_CALLBACK_TOKEN"] = TOKEN
         argv = [sys.executable, "-m", "reconciler", "serve", "--host", "127.0.0.1", "--port", "0"]
@@ -401,21 +429,109 @@ def run_wrk(url: str, script: Path, seconds: int, options: Options, server_pid: 
 
 @dataclass(frozen=True)
 class Stored:
+    """What a run stored (rows past the seeded backlog, if any), and what of the backlog is
+    left: (tasks, deliveries, events)."""
+
     deliveries: dict[str, int]
     events: int
     tasks: int
+    backlog_left: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def total(self) -> int:
         return sum(self.deliveries.values())
 
 
-def read_database(path: Path) -> Stored:
+def read_database(path: Path, backlog: int = 0) -> Stored:
+    """Seeded rows are ids and seqs 1..backlog, tasks `old-*` (see `seed_backlog`)."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM deliveries GROUP BY outcome"))
-        (events,) = db.execute("SELECT COUNT(*) FROM events").fetchone()
-        (tasks,) = db.execute("SELECT COUNT(*) FROM tasks").fetchone()
-    return Stored(outcomes, events, tasks)
+        outcomes = dict(
+            db.execute(
+                "SELECT outcome, COUNT(*) FROM deliveries WHERE id > ? GROUP BY outcome",
+                (backlog,),
+            )
+        )
+        (events,) = db.execute("SELECT COUNT(*) FROM events WHERE seq > ?", (backlog,)).fetchone()
+        (tasks,) = db.execute(
+            "SELECT COUNT(*) FROM tasks WHERE task_id NOT LIKE 'old-%'"
+        ).fetchone()
+        left = db.execute(
+            "SELECT (SELECT COUNT(*) FROM tasks WHERE task_id LIKE 'old-%'), "
+            "(SELECT COUNT(*) FROM deliveries WHERE id <= ?), "
+            "(SELECT COUNT(*) FROM events WHERE seq <= ?)",
+            (backlog, backlog),
+        ).fetchone()
+    return Stored(outcomes, events, tasks, tuple(left))
+
+
+# --- the pruning backlog -------------------------------------------------------------------
+
+BACKLOG_AGE_DAYS = 100  # past every default retention: 30 d events and deliveries, 90 d tasks
+
+
+def seed_backlog(path: Path, rows: int) -> None:
+    """A migrated database holding `rows` terminal tasks, `rows` deliveries (their 1.5 KB
+    callbacks) and `rows` events (each holding its task's JSON, as stored events do), all
+    BACKLOG_AGE_DAYS old, for retention to prune while the load runs."""
+    env = {**os.environ, "RECONCILER_DATABASE_URL": f"sqlite:///{path}"}
+    subprocess.run(
+        [sys.executable, "-m", "reconciler", "migrate"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=START_TIMEOUT_SECONDS,
+    )
+    at = time.time() - BACKLOG_AGE_DAYS * 86400
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(at))
+    template = kling_callback_template()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for start in range(1, rows + 1, 10_000):
+            numbers = range(start, min(rows, start + 9_999) + 1)
+            ids = [f"old-{n:012d}" for n in numbers]
+            bodies = [template.replace(ID, task_id).encode() for task_id in ids]
+            tasks = [_old_task(task_id, stamp) for task_id in ids]
+            db.executemany(
+                "INSERT INTO tasks (provider, task_id, status, source, created_at, updated_at, "
+                "version, data) VALUES ('kling', ?, 'completed', 'webhook', ?, ?, 2, ?)",
+                [(task_id, at, at, task) for task_id, task in zip(ids, tasks, strict=True)],
+            )
+            db.executemany(
+                "INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, "
+                "outcome, task_id) VALUES (?, 'kling', ?, '{}', ?, ?, 'applied', ?)",
+                [
+                    (n, at, body, hashlib.sha256(body).hexdigest(), task_id)
+                    for n, body, task_id in zip(numbers, bodies, ids, strict=True)
+                ],
+            )
+            db.executemany(
+                "INSERT INTO events (seq, provider, task_id, type, at, body) "
+                "VALUES (?, 'kling', ?, 'task.completed', ?, ?)",
+                [
+                    (n, task_id, at, _old_event(n, task, stamp))
+                    for n, task_id, task in zip(numbers, ids, tasks, strict=True)
+                ],
+            )
+
+
+def _old_task(task_id: str, stamp: str) -> str:
+    videos = [{"url": f"https://cdn.example/{task_id}-{n}.mp4", "cover_url": None,
+               "duration": 5.1, "id": f"{task_id}0{n}"} for n in range(3)]  # fmt: skip
+    return json.dumps(
+        {"provider": "kling", "task_id": task_id, "action": "text2video",
+         "status": "completed", "provider_status": "succeed", "progress": 100,
+         "videos": videos, "error": None, "metadata": {}, "created_at": stamp,
+         "updated_at": stamp, "completed_at": stamp, "deadline_at": stamp,
+         "source": "webhook", "callbacks": 1, "polls": 0, "next_poll_at": None, "version": 2},
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def _old_event(seq: int, task: str, stamp: str) -> str:
+    head = {"type": "task.completed", "provider": "kling", "task_id": json.loads(task)["task_id"],
+            "source": "webhook", "status": "completed", "previous_status": None,
+            "delivery_id": seq, "at": stamp}  # fmt: skip
+    return json.dumps(head, separators=(",", ":"))[:-1] + f',"task":{task}}}'
 
 
 # --- the open-loop generator ---------------------------------------------------------------
@@ -612,11 +728,13 @@ class Options:
     half_load: bool
     pin: bool
     bare_loop: str = "uvloop"
+    prune_backlog: int = 0  # > 0: a `pruning` server beside each pair, on this many old rows
+    seed: Path | None = None  # the seeded database `pruning` servers start from
 
 
 @contextlib.contextmanager
 def running(kind: str, workdir: Path, options: Options) -> Iterator[Server]:
-    server = start_server(kind, workdir, options.pin, options.bare_loop)
+    server = start_server(kind, workdir, options.pin, options.bare_loop, options.seed)
     try:
         yield server
     finally:
@@ -624,7 +742,8 @@ def running(kind: str, workdir: Path, options: Options) -> Iterator[Server]:
 
 
 def measure(kind: str, options: Options, script: Path) -> tuple[WrkResult, str]:
-    """One measured wrk run on a fresh server; for `durable`, the storage check too."""
+    """One measured wrk run on a fresh server; for `durable` and `pruning`, the storage check
+    too."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
         workdir = Path(tmp)
         with running(kind, workdir, options) as server:
@@ -635,7 +754,8 @@ def measure(kind: str, options: Options, script: Path) -> tuple[WrkResult, str]:
             code = server.stop()
         if server.database is None:
             return result, ""
-        stored = read_database(server.database)
+        backlog = options.prune_backlog if kind != "durable" else 0
+        stored = read_database(server.database, backlog)
         acked = result.ok + (warm.ok if warm else 0)
         slack = options.connections * (2 if warm else 1)
         verdict = "ok" if acked <= stored.total <= acked + slack else "MISMATCH"
@@ -645,7 +765,17 @@ def measure(kind: str, options: Options, script: Path) -> tuple[WrkResult, str]:
             f"unanswered in flight at wrk's stop {stored.total - acked} (<= {slack}): {verdict}; "
             f"server exit code {code}"
         )
+        if kind == "pruning":
+            check += "\n    " + backlog_line(backlog, stored)
         return result, check
+
+
+def backlog_line(backlog: int, stored: Stored) -> str:
+    tasks, deliveries, events = stored.backlog_left
+    return (
+        f"backlog left when the server stopped (of {backlog} each): {events} events, "
+        f"{deliveries} deliveries, {tasks} tasks"
+    )
 
 
 def line_of(kind: str, result: WrkResult) -> str:
@@ -662,14 +792,17 @@ def line_of(kind: str, result: WrkResult) -> str:
 def benchmark(options: Options) -> None:
     print(describe(options), flush=True)
     print(f"load average at start: {Path('/proc/loadavg').read_text().strip()}", flush=True)
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
-    results: dict[str, list[WrkResult]] = {"bare": [], "durable": []}
+    kinds = ("bare", "kept", "pruning") if options.prune_backlog else ("bare", "durable")
+    served = kinds[1:]
+    ratios: dict[str, list[float]] = {kind: [] for kind in served}
+    cpu_ratios: dict[str, list[float]] = {kind: [] for kind in served}
+    results: dict[str, list[WrkResult]] = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         script = Path(tmp) / "kling_callback.lua"
         script.write_text(wrk_script())
         for pair in range(options.pairs):
-            order = ("bare", "durable") if pair % 2 == 0 else ("durable", "bare")
+            # Each kind goes first in turn, so drift over the run favours none.
+            order = kinds[pair % len(kinds) :] + kinds[: pair % len(kinds)]
             measured: dict[str, WrkResult] = {}
             print(f"pair {pair + 1}/{options.pairs} ({' then '.join(order)})", flush=True)
             for kind in order:
@@ -679,51 +812,56 @@ def benchmark(options: Options) -> None:
                 print(line_of(kind, result), flush=True)
                 if check:
                     print(f"    {check}", flush=True)
-            ratio = measured["durable"].rate / measured["bare"].rate
-            ratios.append(ratio)
             bare_cost = measured["bare"].per_cpu_second
-            cpu_ratio = measured["durable"].per_cpu_second / bare_cost if bare_cost else 0.0
-            cpu_ratios.append(cpu_ratio)
-            print(
-                f"  ratio durable/bare {ratio:.3f} (per server CPU-second {cpu_ratio:.3f})",
-                flush=True,
-            )
+            for kind in served:
+                ratio = measured[kind].rate / measured["bare"].rate
+                ratios[kind].append(ratio)
+                cpu_ratio = measured[kind].per_cpu_second / bare_cost if bare_cost else 0.0
+                cpu_ratios[kind].append(cpu_ratio)
+                print(
+                    f"  ratio {kind}/bare {ratio:.3f} (per server CPU-second {cpu_ratio:.3f})",
+                    flush=True,
+                )
 
     def median(kind: str, attribute: str) -> float:
         return statistics.median(getattr(r, attribute) for r in results[kind])
 
     print(f"\nmedians over {options.pairs} pair(s):")
-    for kind in ("bare", "durable"):
+    for kind in kinds:
         print(
             f"  {kind:8} {median(kind, 'rate'):9.0f} req/s  p50 {median(kind, 'p50_ms'):6.2f} ms"
             f"  p99 {median(kind, 'p99_ms'):6.2f} ms  "
             f"{median(kind, 'per_cpu_second'):6.0f} per server CPU-second"
         )
-    print(
-        f"  ratio durable/bare: median {statistics.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f}; SPEC target >= 0.60)\n"
-        f"  ratio per server CPU-second: median {statistics.median(cpu_ratios):.3f} "
-        f"(min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})",
-        flush=True,
-    )
+    for kind in served:
+        print(
+            f"  ratio {kind}/bare: median {statistics.median(ratios[kind]):.3f} "
+            f"(min {min(ratios[kind]):.3f}, max {max(ratios[kind]):.3f}; SPEC target >= 0.60)\n"
+            f"  ratio {kind}/bare per server CPU-second: median "
+            f"{statistics.median(cpu_ratios[kind]):.3f} "
+            f"(min {min(cpu_ratios[kind]):.3f}, max {max(cpu_ratios[kind]):.3f})",
+            flush=True,
+        )
     if options.half_load:
-        half_load(median("durable", "rate") / 2, options)
+        for kind in served:
+            half_load(median(served[0], "rate") / 2, options, kind)
     print(f"load average at end: {Path('/proc/loadavg').read_text().strip()}", flush=True)
 
 
-def half_load(rate: float, options: Options) -> None:
+def half_load(rate: float, options: Options, kind: str = "durable") -> None:
     print(
-        f"\nhalf load: durable server, open-loop constant rate {rate:.0f} req/s for "
+        f"\nhalf load: {kind} server, open-loop constant rate {rate:.0f} req/s for "
         f"{options.seconds} s over {options.connections} connections "
         "(bench/ingest.py _openloop, latency from each request's due time)",
         flush=True,
     )
+    backlog = options.prune_backlog if kind != "durable" else 0
     with tempfile.TemporaryDirectory(prefix="bench-half-") as tmp:
-        with running("durable", Path(tmp), options) as server:
+        with running(kind, Path(tmp), options) as server:
             result, cpu = run_open_loop(server.url, rate, options.seconds, options, server.pid)
             code = server.stop()
         assert server.database is not None
-        stored = read_database(server.database)
+        stored = read_database(server.database, backlog)
     achieved = result["answered"] / result["send_seconds"] if result["send_seconds"] else 0
     print(
         f"  sent {result['requests']} at {achieved:.0f} req/s, answers {result['statuses']}, "
@@ -738,6 +876,8 @@ def half_load(rate: float, options: Options) -> None:
         f"2xx answered {result['ok']}: {verdict}; server exit code {code}",
         flush=True,
     )
+    if kind == "pruning":
+        print(f"  {backlog_line(backlog, stored)}", flush=True)
 
 
 def describe(options: Options) -> str:
@@ -761,6 +901,12 @@ def describe(options: Options) -> str:
         f"Lua request() with a {body_size()} B Kling callback, a unique task id per request\n"
         f"{pinning}; {options.pairs} pair(s), order alternating; "
         f"bare server on the {options.bare_loop} event loop"
+        + (
+            f"; the service on a backlog of {options.prune_backlog} old tasks, deliveries "
+            "and events, with retention off (`kept`) and on (`pruning`)"
+            if options.prune_backlog
+            else ""
+        )
     )
 
 
@@ -792,6 +938,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         help="skip the pairs; run only the open-loop latency run, at this many req/s",
     )
+    parser.add_argument(
+        "--prune-backlog",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the service on a database seeded with N tasks, N deliveries and N events old "
+        "enough to prune, with retention off (`kept`) and on (`pruning`: pruned while the load "
+        "runs), instead of on a new database (`durable`)",
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 pair of 2 s")
     ns = parser.parse_args(args)
     if ns.quick:
@@ -806,11 +961,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         half_load=not ns.no_half_load,
         pin=pin,
         bare_loop=ns.bare_loop,
+        prune_backlog=max(0, ns.prune_backlog),
     )
-    if ns.half_load_rate:
-        half_load(ns.half_load_rate, options)
-        return
-    benchmark(options)
+    with tempfile.TemporaryDirectory(prefix="bench-seed-") as tmp:
+        if options.prune_backlog:
+            options.seed = Path(tmp) / "backlog.db"
+            print(f"seeding {options.prune_backlog} old rows of each kind…", flush=True)
+            seed_backlog(options.seed, options.prune_backlog)
+        if ns.half_load_rate:
+            for kind in ("kept", "pruning") if options.prune_backlog else ("durable",):
+                half_load(ns.half_load_rate, options, kind)
+            return
+        benchmark(options)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 `serve` runs `runtime.run_service` on uvloop; that installs the SIGTERM/SIGINT handlers
 before uvicorn starts, so the reconciler loop stops gracefully and the exit code is 0.
 `track` and `tail` talk to a running server over HTTP: one process owns the database.
-`migrate` and `replay` open the database themselves (replay beside a running server too:
-ids are read inside each write transaction); so does `copy`, which reads one snapshot of
-it.
+`migrate`, `replay` and `prune` open the database themselves (replay and prune beside a
+running server too: ids are read inside each write transaction, and a prune is a series of
+small ones); so does `copy`, which reads one snapshot of it.
 
 Bad configuration prints one line and exits 2.
 """
@@ -230,9 +230,26 @@ def tail(env_file: str | None, url: str | None, after: int, follow: bool) -> Non
         pass
 
 
+def _check_cursor(response: httpx.Response, after: int) -> None:
+    """A cursor that fell off the log (410): say so in one line, with where to start again."""
+    if response.status_code != 410:
+        return
+    try:
+        oldest = int(response.json()["error"]["oldest_seq"])
+    except (ValueError, KeyError, TypeError):
+        return  # not our answer: `_check` reports it as it is
+    fail(
+        f"events after seq {after} were pruned (the oldest kept is seq {oldest}); "
+        f"start again with --after {oldest - 1} or --after 0",
+        1,
+    )
+
+
 def _page_all(client: httpx.Client, after: int) -> Iterator[str]:
     while True:
-        page = _check(client.get("/events", params={"after": after, "limit": 1000}))
+        response = client.get("/events", params={"after": after, "limit": 1000})
+        _check_cursor(response, after)
+        page = _check(response)
         for event in page["events"]:
             yield json.dumps(event, separators=(",", ":"))
         if not page["events"]:
@@ -253,6 +270,7 @@ def _follow(client: httpx.Client, after: int) -> Iterator[str]:
         ) as response:
             if response.is_error:
                 response.read()
+                _check_cursor(response, after)
                 _check(response)
             for line in response.iter_lines():
                 if line.startswith("id:"):
@@ -289,6 +307,40 @@ def replay(env_file: str | None, delivery_ids: tuple[int, ...], failed: bool) ->
         if result.error is not None:
             line += f" ({result.error.code}: {result.error.message})"
         click.echo(line)
+
+
+@main.command()
+@env_file_option
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+def prune(env_file: str | None, dry_run: bool) -> None:
+    """Apply retention once now (RECONCILER_RETAIN_*) and print what was removed."""
+    try:
+        settings = load_settings(env_file)
+    except ConfigError as error:
+        fail(str(error))
+
+    async def run() -> dict[str, int]:
+        from reconciler.retention import Retention
+        from reconciler.runtime import open_runtime
+
+        async with open_runtime(settings) as runtime:
+            retention = Retention(runtime.service)
+            counts = await (retention.prunable() if dry_run else retention.prune_once())
+            return {kind.value: count for kind, count in counts.items()}
+
+    try:
+        counts = asyncio.run(run())
+    except ReconcilerError as error:
+        fail(str(error), 1)
+    kept = {
+        "events": settings.retain_events,
+        "deliveries": settings.retain_deliveries,
+        "tasks": settings.retain_tasks,
+    }
+    verb = "would remove" if dry_run else "removed"
+    for kind, count in counts.items():
+        note = " (kept forever)" if kept[kind] == 0 else ""
+        click.echo(f"{kind}: {verb} {count}{note}")
 
 
 @main.command("callback-url")

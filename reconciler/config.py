@@ -55,6 +55,13 @@ MAX_DURATION_SECONDS = 10 * 365 * 86400.0
 # asks for under 1 req/s; the SPEC default is 5 and each is overridable.
 DEFAULT_RATE_LIMIT = 5.0
 
+# Retention (SPEC §5): how long each kind of row is kept, in seconds; 0 keeps forever.
+DAY = 86400.0
+DEFAULT_RETAIN_EVENTS = 30 * DAY
+DEFAULT_RETAIN_DELIVERIES = 30 * DAY
+DEFAULT_RETAIN_TASKS = 90 * DAY
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
+
 
 class Secret:
     """A string that is never printed."""
@@ -115,6 +122,10 @@ class Settings:
     max_body_bytes: int = 1_048_576
     progress_event_interval: float = 5.0
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    # Seconds each kind of row is kept (SPEC §5 retention); 0 keeps forever.
+    retain_events: float = DEFAULT_RETAIN_EVENTS
+    retain_deliveries: float = DEFAULT_RETAIN_DELIVERIES
+    retain_tasks: float = DEFAULT_RETAIN_TASKS
 
     def __repr__(self) -> str:
         # The database URL may carry a password: show it redacted, like every other secret.
@@ -125,7 +136,8 @@ class Settings:
             f"public_url={None if self.public_url is None else redact_url(self.public_url)!r}, "
             f"max_body_bytes={self.max_body_bytes!r}, "
             f"progress_event_interval={self.progress_event_interval!r}, "
-            f"providers={dict(self.providers)!r})"
+            f"providers={dict(self.providers)!r}, retain_events={self.retain_events!r}, "
+            f"retain_deliveries={self.retain_deliveries!r}, retain_tasks={self.retain_tasks!r})"
         )
 
     @classmethod
@@ -150,6 +162,11 @@ class Settings:
             max_body_bytes=env.integer("RECONCILER_MAX_BODY_BYTES", 1_048_576, low=1) or 1,
             progress_event_interval=env.seconds("RECONCILER_PROGRESS_EVENT_INTERVAL", 5.0),
             providers={name: _provider_settings(env, name) for name in PROVIDER_NAMES},
+            retain_events=env.duration("RECONCILER_RETAIN_EVENTS", DEFAULT_RETAIN_EVENTS),
+            retain_deliveries=env.duration(
+                "RECONCILER_RETAIN_DELIVERIES", DEFAULT_RETAIN_DELIVERIES
+            ),
+            retain_tasks=env.duration("RECONCILER_RETAIN_TASKS", DEFAULT_RETAIN_TASKS),
         )
 
 
@@ -244,6 +261,28 @@ class _Reader:
         value = self._number(name, default, float, "a number of seconds", low, MAX_DURATION_SECONDS)
         assert value is not None
         return value
+
+    def duration(self, name: str, default: float) -> float:
+        """A retention: a number and a unit (`30d`, `12h`, `90s`, `1.5m`), or `0` for
+        "forever" (returned as 0.0); in seconds."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw == "0":
+            return 0.0
+        match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd])", raw)
+        if match is None:
+            raise ConfigError(
+                f"{name} has value {raw!r}: not a duration (a number and a unit s, m, h or d, "
+                "e.g. 30d; 0 keeps forever)."
+            )
+        seconds = float(match[1]) * DURATION_UNITS[match[2]]
+        if seconds == 0:  # "keep nothing" is never meant: say how "forever" is written
+            raise ConfigError(f"{name} has value {raw!r}: must be more than 0 (0 keeps forever).")
+        if seconds > MAX_DURATION_SECONDS:
+            days = MAX_DURATION_SECONDS / DAY
+            raise ConfigError(f"{name} has value {raw!r}: must be at most {days:g}d (ten years).")
+        return seconds
 
 
 def _integer(raw: str) -> int:

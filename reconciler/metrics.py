@@ -2,8 +2,9 @@
 its own registry, so that tests can run many services in one process.
 
 Figures that live in the database (tasks by status, how tasks were settled, reconciler lag)
-are refreshed by the `/metrics` handler just before it renders; counters are incremented
-where things happen. No label ever carries a secret or a task id.
+are refreshed by the `/metrics` handler just before it renders, and those retention bounds
+(the oldest kept seq, the database's size) by the pruner after each pass; counters are
+incremented where things happen. No label ever carries a secret or a task id.
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ class Metrics:
             "reconciler_provider_paused",
             "1 while a provider is paused for rejected credentials.",
             ["provider"],
+            registry=r,
+        )
+        self.pruned = Counter(
+            "reconciler_pruned_rows",
+            "Rows removed by retention, by kind: events, deliveries, tasks.",
+            ["kind"],
+            registry=r,
+        )
+        self.oldest_seq = Gauge(
+            "reconciler_oldest_seq",
+            "The seq of the oldest event kept in the log (with none kept, the seq the next "
+            "event gets); a cursor below it minus one gets 410 cursor_expired.",
+            registry=r,
+        )
+        self.database_bytes = Gauge(
+            "reconciler_database_bytes",
+            "Size of the database on disk (SQLite: the file and its WAL; PostgreSQL: "
+            "pg_database_size).",
             registry=r,
         )
 

@@ -1,4 +1,5 @@
-"""The normalized vocabulary of Reconciler: statuses, tasks, observations, events, deliveries.
+"""The normalized vocabulary of Reconciler: statuses, tasks, observations, events, deliveries,
+and the kinds of rows retention prunes.
 
 Plain frozen values with no I/O. Provider shapes are turned into these by `providers/`,
 rules over them live in `state.py`, and a task's JSON form (SPEC §2) is `Task.to_json()`.
@@ -274,6 +275,24 @@ class Delivery:
     outcome: Outcome
     error: str | None = None
     task_id: str | None = None
+
+
+class RowKind(enum.StrEnum):
+    """What retention prunes, in the order a pass prunes them."""
+
+    EVENTS = "events"
+    DELIVERIES = "deliveries"
+    TASKS = "tasks"
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """One prune batch: `removed` rows; `more` when the next batch (from `after`, the last
+    key the batch looked at) may find more to remove."""
+
+    removed: int
+    more: bool
+    after: int = 0
 
 
 @dataclass(frozen=True, slots=True)

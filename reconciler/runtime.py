@@ -1,7 +1,8 @@
 """Assembling and running the service: `open_runtime(settings)` builds everything,
-`run_service(runtime)` supervises the two root tasks (HTTP server and reconciler loop).
+`run_service(runtime)` supervises the root tasks (HTTP server, reconciler loop, and the
+pruner of `retention.py`).
 
-When either root task ends, the other is stopped gracefully and the first error is
+When any root task ends, the others are stopped gracefully and the first error is
 re-raised: a deaf server and a dead loop both end the process (STYLE "Async structure").
 """
 
@@ -29,6 +30,7 @@ from reconciler.metrics import Metrics
 from reconciler.model import Commit
 from reconciler.providers import PROVIDERS, Provider
 from reconciler.reconciler import Health, Reconciler
+from reconciler.retention import Retention
 from reconciler.service import Service
 from reconciler.store import Store, open_store
 
@@ -131,13 +133,16 @@ async def run_service(
     gc.set_threshold(50_000, 20, 20)
     http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     loop = asyncio.create_task(runtime.reconciler.run(), name="reconciler")
+    retention = Retention(runtime.service)
+    pruning = asyncio.create_task(retention.run(), name="retention")
     try:
-        done, _ = await asyncio.wait({http, loop}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({http, loop, pruning}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         close_streams(runtime.app)  # uvicorn's shutdown waits for open SSE responses
         server.should_exit = True
         runtime.reconciler.stop()
-        results = await asyncio.gather(http, loop, return_exceptions=True)
+        retention.stop()
+        results = await asyncio.gather(http, loop, pruning, return_exceptions=True)
     if loop in done and http not in done:
         logger.error("the reconciler loop stopped; shutting the server down")
     for result in results:

@@ -24,13 +24,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from reconciler import codec, schedule
 from reconciler.clock import Clock
 from reconciler.config import MAX_DURATION_SECONDS, Settings
-from reconciler.errors import BadPayload, ProviderError, ReconcilerError, Verdict
+from reconciler.errors import BadPayload, ProviderError, ReconcilerError, StoreError, Verdict
 from reconciler.feed import Feed
 from reconciler.metrics import Metrics
 from reconciler.model import (
@@ -38,6 +38,8 @@ from reconciler.model import (
     EventRow,
     EventType,
     Observation,
+    Pruned,
+    RowKind,
     Source,
     Status,
     Task,
@@ -91,6 +93,22 @@ class Invalid(ReconcilerError):
 
 class UnknownTask(ReconcilerError):
     pass
+
+
+class CursorExpired(ReconcilerError):
+    """A reader's cursor fell off the log: retention pruned events it has not read (410).
+
+    `after` has fallen off when `after < oldest_seq - 1`, `oldest_seq` being the seq of the
+    oldest kept event, or the seq the next event will get when retention pruned every one.
+    `after=0` never falls off: it means "from the oldest kept event"."""
+
+    def __init__(self, after: int, oldest_seq: int) -> None:
+        super().__init__(
+            f"events after seq {after} were pruned: the oldest kept event is seq {oldest_seq}; "
+            f"read again from after={oldest_seq - 1} (or after=0)"
+        )
+        self.after = after
+        self.oldest_seq = oldest_seq
 
 
 # The longest "poll now" waits for its answer (as `GET /tasks/…?wait=` at most).
@@ -557,6 +575,8 @@ class Service:
         while True:
             seen = self.feed.last_seq
             rows = await self.store.events_after(cursor, limit, provider, task_id)
+            if cursor == after:
+                await self.check_cursor(after, rows)
             remaining = deadline - asyncio.get_running_loop().time()
             if rows or remaining <= 0:
                 return rows
@@ -566,6 +586,63 @@ class Service:
 
     async def last_seq(self) -> int:
         return await self.store.last_seq()
+
+    async def check_cursor(self, after: int, read: Sequence[EventRow] = ()) -> None:
+        """Raise `CursorExpired` when `after` fell off the log. `read` is what was just read
+        after it, if anything: checked *after* that read, so a prune that committed in
+        between is seen. A first event right after the cursor proves nothing was skipped,
+        and costs no query."""
+        if after == 0 or (read and read[0].seq == after + 1):
+            return
+        oldest = await self.store.oldest_seq()
+        if after < oldest - 1:
+            raise CursorExpired(after, oldest)
+
+    # --- retention (SPEC §5), run by `retention.Retention` and `reconciler prune` ------
+
+    def retention_cutoff(self, kind: RowKind) -> datetime | None:
+        """Rows of `kind` older than this go; None when they are kept forever."""
+        seconds = {
+            RowKind.EVENTS: self.settings.retain_events,
+            RowKind.DELIVERIES: self.settings.retain_deliveries,
+            RowKind.TASKS: self.settings.retain_tasks,
+        }[kind]
+        return None if seconds == 0 else self.clock.now() - timedelta(seconds=seconds)
+
+    async def prune(self, kind: RowKind, limit: int, after: int = 0) -> Pruned:
+        """One small batch of `kind` past its retention (nothing when kept forever)."""
+        cutoff = self.retention_cutoff(kind)
+        if cutoff is None:
+            return Pruned(0, False, after)
+        pruned = await self.store.prune(kind, cutoff, limit, after)
+        self.metrics.pruned.labels(kind.value).inc(pruned.removed)
+        return pruned
+
+    async def prunable(self, kind: RowKind) -> int:
+        """How many rows of `kind` a prune would remove now (`reconciler prune --dry-run`)."""
+        cutoff = self.retention_cutoff(kind)
+        return 0 if cutoff is None else await self.store.prunable(kind, cutoff)
+
+    async def oldest_seq(self) -> int:
+        return await self.store.oldest_seq()
+
+    async def database_bytes(self) -> int:
+        return await self.store.size_bytes()
+
+    async def write_failure(self, timeout_seconds: float = 2.0) -> str | None:
+        """Why the store cannot commit, for /readyz; None when it can. After a failed write
+        this tries a tiny one (`Store.probe`), so readiness comes back by itself when the
+        disk has room again, even when no traffic arrives to show it (a load balancer sends
+        none to a replica that is not ready)."""
+        if self.store.write_failure() is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self.store.probe()
+        except (TimeoutError, StoreError):
+            pass
+        failure = self.store.write_failure()
+        return None if failure is None else f"database cannot commit writes: {failure}"
 
     # --- operations: /readyz, /metrics and the dashboard's /stats ----------------------
 

@@ -402,3 +402,72 @@ def test_a_duration_beyond_ten_years_is_refused_at_start_up(name: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{name} has value '1e300': must be at most "):
         Settings.from_environ({name: "1e300"})
     assert Settings.from_environ({name: str(10 * 365 * 86400)}) is not None
+
+
+# --- retention (SPEC §5) ---------------------------------------------------------------------
+
+
+def test_retention_defaults_match_the_spec() -> None:
+    settings = Settings.from_environ({})
+    assert settings.retain_events == 30 * 86400
+    assert settings.retain_deliveries == 30 * 86400
+    assert settings.retain_tasks == 90 * 86400
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("30d", 30 * 86400.0),
+        ("12h", 12 * 3600.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("1.5h", 5400.0),
+        (" 7d ", 7 * 86400.0),
+        ("0", 0.0),  # keeps forever
+        ("", 30 * 86400.0),  # empty: the default
+        ("3650d", 3650 * 86400.0),  # ten years, the longest duration of any setting
+    ],
+)
+def test_retention_durations(value: str, seconds: float) -> None:
+    settings = Settings.from_environ({"RECONCILER_RETAIN_EVENTS": value})
+    assert settings.retain_events == seconds
+    assert settings.retain_deliveries == settings.retain_tasks / 3 == 30 * 86400
+
+
+def test_each_retention_is_read_from_its_own_variable() -> None:
+    settings = Settings.from_environ(
+        {
+            "RECONCILER_RETAIN_EVENTS": "1d",
+            "RECONCILER_RETAIN_DELIVERIES": "2h",
+            "RECONCILER_RETAIN_TASKS": "0",
+        }
+    )
+    assert (settings.retain_events, settings.retain_deliveries, settings.retain_tasks) == (
+        86400.0,
+        7200.0,
+        0.0,
+    )
+
+
+SHAPE = "not a duration (a number and a unit s, m, h or d, e.g. 30d; 0 keeps forever)."
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("RECONCILER_RETAIN_EVENTS", "x", SHAPE),
+        ("RECONCILER_RETAIN_EVENTS", "30", SHAPE),  # a unit is required
+        ("RECONCILER_RETAIN_DELIVERIES", "-1d", SHAPE),
+        ("RECONCILER_RETAIN_TASKS", "3w", SHAPE),
+        ("RECONCILER_RETAIN_TASKS", "30D", SHAPE),
+        ("RECONCILER_RETAIN_TASKS", "1e3s", SHAPE),
+        ("RECONCILER_RETAIN_TASKS", "1 d", SHAPE),
+        ("RECONCILER_RETAIN_EVENTS", "0d", "must be more than 0 (0 keeps forever)."),
+        ("RECONCILER_RETAIN_EVENTS", "3651d", "must be at most 3650d (ten years)."),
+    ],
+)
+def test_bad_retention_is_one_line_naming_the_variable(name: str, value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_environ({name: value})
+    assert str(caught.value) == f"{name} has value {value!r}: {why}"
+    assert "\n" not in str(caught.value)

@@ -252,3 +252,55 @@ def test_replay_reports_what_it_re_applied(tmp_path: Path) -> None:
             ("applied",),
             ("rejected",),
         ]
+
+
+async def test_prune_reports_what_it_would_remove_then_removes_it(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from reconciler.clock import FakeClock
+    from reconciler.config import Settings
+    from reconciler.runtime import open_runtime
+
+    path = tmp_path / "prune.db"
+    env = {"RECONCILER_DATABASE_URL": f"sqlite:///{path}"}
+    now = datetime.now(UTC)
+    clock = FakeClock(now - timedelta(days=100))
+    async with open_runtime(Settings.from_environ(env), clock) as runtime:
+        service = runtime.service
+        for n in range(3):  # terminal, 100 days old: everything about them goes
+            body = {"task_id": f"old-{n}", "task_status": "failed", "task_status_msg": "no"}
+            await service.ingest("kling", {}, json.dumps(body).encode())
+        await service.register("kling", "open")  # never terminal: the task stays
+        clock.set(now - timedelta(hours=1))
+        await service.register("kling", "young")
+
+    dry = await asyncio.to_thread(run, "prune", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    expected = ["events: {} 4", "deliveries: {} 3", "tasks: {} 3"]
+    assert dry.stdout.splitlines() == [line.format("would remove") for line in expected]
+    pruned = await asyncio.to_thread(run, "prune", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.splitlines() == [line.format("removed") for line in expected]
+    again = await asyncio.to_thread(run, "prune", env={**env, "RECONCILER_RETAIN_TASKS": "0"})
+    assert again.stdout.splitlines() == [
+        "events: removed 0",
+        "deliveries: removed 0",
+        "tasks: removed 0 (kept forever)",
+    ]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT seq FROM events").fetchall() == [(5,)]
+        assert db.execute("SELECT task_id FROM tasks ORDER BY task_id").fetchall() == [
+            ("open",),
+            ("young",),
+        ]
+        assert db.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (0,)
+
+
+def test_bad_retention_stops_prune_with_one_line(tmp_path: Path) -> None:
+    env = {"RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path}/r.db", "RECONCILER_RETAIN_TASKS": "9"}
+    result = run("prune", env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "reconciler: RECONCILER_RETAIN_TASKS has value '9': not a duration (a number and a unit "
+        "s, m, h or d, e.g. 30d; 0 keeps forever)."
+    ]

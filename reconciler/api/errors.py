@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from reconciler.errors import SignatureError, StoreError
-from reconciler.service import Invalid, UnknownTask
+from reconciler.service import CursorExpired, Invalid, UnknownTask
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ async def unknown_task(request: Request, exc: Exception) -> Response:
     return error_response(404, "task_not_found", str(exc))
 
 
+async def cursor_expired(request: Request, exc: Exception) -> Response:
+    # SPEC §2: `oldest_seq` sits inside `error`, beside the code and the message.
+    assert isinstance(exc, CursorExpired)
+    body = {"error": {"code": "cursor_expired", "message": str(exc), "oldest_seq": exc.oldest_seq}}
+    return JSONResponse(body, status_code=410)
+
+
 async def bad_signature(request: Request, exc: Exception) -> Response:
     return error_response(401, "bad_signature", str(exc))
 
@@ -107,6 +114,7 @@ HANDLERS: dict[Any, Any] = {
     HTTPException: http_error,
     Invalid: invalid,
     UnknownTask: unknown_task,
+    CursorExpired: cursor_expired,
     SignatureError: bad_signature,
     StoreError: store_unavailable,
     Exception: unexpected,

@@ -106,6 +106,12 @@ ERROR: Schema = {
             "properties": {
                 "code": {"type": "string", "pattern": "^[a-z_]+$"},
                 "message": {"type": "string"},
+                "oldest_seq": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "With `cursor_expired` (410): the seq of the oldest kept "
+                    "event (with none kept, the seq the next event gets).",
+                },
             },
         },
         "field": {"type": "string"},
@@ -280,6 +286,12 @@ WAIT = query(
     "Seconds to wait for news before answering (long-poll).",
 )
 UNAUTHORIZED = error("`RECONCILER_API_TOKEN` is set and the request carries no valid token.")
+CURSOR_EXPIRED = error(
+    "`cursor_expired`: the cursor fell off the log. Retention (`RECONCILER_RETAIN_EVENTS`) "
+    "pruned events after it that the reader has not seen: `after` is below `error.oldest_seq` "
+    "minus one. Read again from `after=0` (the oldest kept event) or `oldest_seq - 1`. "
+    "`after=0` never gets this answer."
+)
 INVALID = error("A parameter is invalid; `field` names it.")
 OPEN: list[dict[str, list[str]]] = []  # no API token: callbacks and health checks
 
@@ -408,6 +420,7 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": ok("EventPage", "Events in `seq` order (empty when the wait ended)."),
                 "401": UNAUTHORIZED,
+                "410": CURSOR_EXPIRED,
                 "422": INVALID,
             },
         }
@@ -419,7 +432,9 @@ PATHS: dict[str, Any] = {
             "description": "Each event is a frame `id: <seq>`, `event: <type>`, `data: <Event "
             "JSON>`. A comment `: ping` is sent when the stream is idle (every 15 s). "
             "Resume with the `Last-Event-ID` header (EventSource sends it by itself). A "
-            "client that stops reading is disconnected and may resume the same way. With "
+            "client that stops reading is disconnected and may resume the same way. A cursor "
+            "that fell off the log gets 410 before any stream starts (and a stream that falls "
+            "that far behind ends, so that its reconnection gets the 410). With "
             "`RECONCILER_API_TOKEN`, EventSource passes `?access_token=`.",
             "parameters": [
                 query(
@@ -449,6 +464,7 @@ PATHS: dict[str, Any] = {
                     },
                 },
                 "401": UNAUTHORIZED,
+                "410": CURSOR_EXPIRED,
                 "422": INVALID,
             },
         }
@@ -464,8 +480,8 @@ PATHS: dict[str, Any] = {
     "/readyz": {
         "get": {
             "tags": ["operations"],
-            "summary": "Readiness: database reachable and migrated, loop running, "
-            "provider credentials accepted",
+            "summary": "Readiness: database reachable, migrated and able to commit (not out "
+            "of disk space), loop running, provider credentials accepted",
             "security": OPEN,
             "responses": {
                 "200": ok("Ready", "Ready for traffic."),

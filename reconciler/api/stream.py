@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from reconciler.api.errors import ApiError
 from reconciler.api.events import int_param
-from reconciler.service import Service
+from reconciler.service import CursorExpired, Service
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,14 @@ async def frames(
     yield HELLO
     while True:
         seen = service.feed.last_seq
-        rows = await service.events(
-            after, streams.page, provider, task_id, streams.heartbeat_seconds
-        )
+        try:
+            rows = await service.events(
+                after, streams.page, provider, task_id, streams.heartbeat_seconds
+            )
+        except CursorExpired:
+            # Retention pruned past a stream that fell that far behind: end it. The client
+            # reconnects with its Last-Event-ID and gets the 410 before a new stream starts.
+            return
         if rows:
             # Sends of at most about CHUNK_BYTES, so that a send timing out means the client
             # could not take that much in `send_timeout_seconds`, whatever the events weigh.
@@ -223,6 +228,7 @@ async def event_stream(request: Request) -> Response:
     service: Service = request.app.state.service
     streams = streams_of(request.app)
     after = resume_point(request)
+    await service.check_cursor(after)  # a cursor that fell off the log: 410, before the stream
     if request.method == "HEAD":  # the headers only: a stream that nobody reads never ends
         return Response(media_type="text/event-stream", headers={"cache-control": "no-cache"})
     provider = request.query_params.get("provider") or None

@@ -9,7 +9,9 @@ the commit that holds its write:
 - `apply(candidates, decide)`: load a task inside the transaction, call the pure
   `decide(task | None) -> Change | None`, write the task and its event atomically;
 - `lease_due(now, limit, lease_seconds)`: take due tasks and push their `next_poll_at`
-  forward by the lease, so a crash mid-poll only delays them.
+  forward by the lease, so a crash mid-poll only delays them;
+- `prune(kind, before, limit, after)`: remove one small batch of rows older than `before`
+  (retention, SPEC §5), never a non-terminal task nor a delivery of one.
 
 What a batch of operations means (duplicates, conflicts, the rows and events it writes) is
 decided once for every backend, in `store/batch.py`; a backend runs the statements.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from reconciler.model import Change, Delivery, EventRow, Outcome, Task, TaskRef
+from reconciler.model import Change, Delivery, EventRow, Outcome, Pruned, RowKind, Task, TaskRef
 
 Decide = Callable[[Task | None], Change | None]
 
@@ -152,6 +154,38 @@ class Store(Protocol):
     async def settled_counts(self) -> list[Settled]: ...
 
     async def ping(self) -> None: ...
+
+    # --- retention (SPEC §5) and the full-disk check (SPEC §4) -----------------------------
+
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int = 0) -> Pruned:
+        """Remove at most `limit` rows of `kind` older than `before`, in one transaction:
+        events: the oldest ones, a prefix of the log up to the first event at or after
+        `before`; deliveries: received before `before`, among the `limit` after id `after`,
+        whose task is terminal, gone, or was never named; tasks: terminal ones last changed
+        before `before`."""
+        ...
+
+    async def prunable(self, kind: RowKind, before: datetime) -> int:
+        """How many rows of `kind` a prune to `before` would remove now (reads only)."""
+        ...
+
+    async def oldest_seq(self) -> int:
+        """The seq of the oldest kept event; with no event kept, the seq the next one gets."""
+        ...
+
+    async def size_bytes(self) -> int:
+        """The database's size on disk."""
+        ...
+
+    def write_failure(self) -> str | None:
+        """Why the last write transaction failed (e.g. the disk is full), or None once a
+        later one committed."""
+        ...
+
+    async def probe(self) -> None:
+        """Commit one tiny write that needs new space, as a failed batch did; success clears
+        `write_failure()`. Raises StoreError when it cannot commit."""
+        ...
 
     def leadership(self) -> AbstractAsyncContextManager[asyncio.Event]:
         """Wait until this process may run the reconciler loop (one process in the whole

@@ -11,7 +11,8 @@ transaction and calls `write_batch(tx, ops)`:
 4. run each operation's pure `decide` in arrival order against those tasks: duplicates,
    conflicts and outcomes are decided here, and each changed task is encoded once;
 5. write deliveries, tasks and events (`tx.write`, which numbers the events), then lease
-   due tasks.
+   due tasks, prune (`Prune`: one small retention batch, where the backend prunes through
+   its writer) and probe (`Probe`: a tiny write that tells whether the store can commit).
 
 The backend commits, and only then are the callers resolved (`settle`), so no caller
 resumes before the commit that holds its write. A backend only runs statements: it never
@@ -25,10 +26,10 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from reconciler.errors import StoreError
-from reconciler.model import Change, Commit, Outcome, Task, TaskRef
+from reconciler.model import Change, Commit, Outcome, Pruned, RowKind, Task, TaskRef
 from reconciler.store.base import (
     Accepted,
     Applying,
@@ -81,6 +82,22 @@ class Lease(Op):
     now: datetime
     limit: int
     lease_seconds: float
+
+
+@dataclass(eq=False)
+class Prune(Op):
+    """One retention batch (see `Store.prune`). Queued like any write, it commits between
+    (or with) webhook batches, so a webhook waits at most for one small batch."""
+
+    kind: RowKind
+    before: datetime
+    limit: int
+    after: int
+
+
+@dataclass(eq=False)
+class Probe(Op):
+    at: datetime
 
 
 # --- what a backend does inside one transaction ------------------------------------------
@@ -168,6 +185,14 @@ class Transaction(Protocol):
         """The transaction's last statements: number `events` contiguously, in order, after
         the log's head and write them; tell other replicas (if any) what was committed.
         Returns the first seq given (the head + 1)."""
+        ...
+
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int) -> Pruned:
+        """One retention batch, as `Store.prune` describes it."""
+        ...
+
+    async def probe(self, at: datetime) -> None:
+        """Write one tiny row that needs new space (see `Store.probe`)."""
         ...
 
 
@@ -263,6 +288,39 @@ class _Batch:
         return (Outcome.APPLIED if applied else Outcome.UNCHANGED), task, None
 
 
+# --- retention: which rows of a scanned batch go (the same rules on every backend) ----------
+
+Moment = TypeVar("Moment", float, datetime)  # a backend's own time: Unix seconds or datetime
+
+
+def events_to_prune(head: Sequence[tuple[int, Moment]], before: Moment, limit: int) -> Pruned:
+    """`head`: the log's oldest events (seq, at), at most `limit`, in seq order. Only a
+    prefix of the log is ever removed, so that every kept event follows the oldest kept one
+    without a gap and a cursor either falls off the log or reads on exactly (SPEC §2): the
+    prefix ends at the first event at or after `before`. The answer's `after` is the last
+    seq to remove (every seq up to it goes)."""
+    removed = last = 0
+    for seq, at in head:
+        if at >= before:
+            return Pruned(removed, False, last)
+        removed, last = removed + 1, seq
+    return Pruned(removed, len(head) >= limit, last)
+
+
+def deliveries_to_prune(
+    scanned: Sequence[tuple[int, Moment, bool]], before: Moment, limit: int, after: int
+) -> tuple[list[int], Pruned]:
+    """`scanned`: at most `limit` deliveries after id `after`, in id order, as (id,
+    received_at, settled: its task is terminal, gone or was never named). Ids follow arrival
+    closely, so the scan of a pass stops at the first batch that meets a delivery received
+    at or after `before`; the old ones of that batch still go. Returns the ids to remove and
+    where the next batch starts."""
+    doomed = [did for did, at, settled in scanned if settled and at < before]
+    young = any(at >= before for _, at, _ in scanned)
+    last = scanned[-1][0] if scanned else after
+    return doomed, Pruned(len(doomed), len(scanned) >= limit and not young, last)
+
+
 def task_key(ref: TaskRef) -> str:
     return f"task:{ref.provider}:{ref.task_id}"
 
@@ -337,6 +395,10 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
             results[index] = leased
             if leased:
                 due.append(until)
+        elif isinstance(op, Prune):
+            results[index] = await tx.prune(op.kind, op.before, op.limit, op.after)
+        elif isinstance(op, Probe):
+            await tx.probe(op.at)
     if not writes and not due:
         return results, None
     # Numbered last: where several replicas write, the log's head is locked from here to
@@ -392,7 +454,7 @@ def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:
             )
         )
         return IngestResult(op.delivery_id, outcome, task, error, batch.json_of(task))
-    return None  # leases run after the batch's other writes
+    return None  # leases, prunes and probes run after the batch's other writes
 
 
 def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:

@@ -24,6 +24,10 @@ runs. What makes N replicas agree:
   never loses an event).
 - **One loop.** `leadership()` waits for a session advisory lock on a dedicated connection:
   the replica holding it runs the reconciler loop, so provider limits hold for all.
+- **Pruning anywhere.** Every replica may prune (plain DELETEs in small batches, each its
+  own transaction on a pooled connection, never on the writer's): a batch first tries a
+  transaction-scoped advisory lock, and when another replica holds it, it removes nothing
+  and says "more", so replicas take turns instead of deleting the same rows at once.
 
 JSON is stored as text, never jsonb (see migrations/postgresql/0001). PostgreSQL text cannot
 hold a NUL character, so the few plain-text columns that may carry provider words get them
@@ -44,7 +48,17 @@ import asyncpg
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import Commit, Delivery, EventRow, Outcome, Task, TaskRef
+from reconciler.model import (
+    TERMINAL,
+    Commit,
+    Delivery,
+    EventRow,
+    Outcome,
+    Pruned,
+    RowKind,
+    Task,
+    TaskRef,
+)
 from reconciler.store import migrations
 from reconciler.store.base import (
     ListPosition,
@@ -55,8 +69,11 @@ from reconciler.store.batch import (
     Batched,
     EventRecord,
     Op,
+    Probe,
     Writer,
     Writes,
+    deliveries_to_prune,
+    events_to_prune,
     fail,
     settle,
     write_batch,
@@ -77,6 +94,7 @@ CHANNEL = "reconciler_commits"
 # Session advisory locks (a single 64-bit key each): one for migrations, one for the loop.
 MIGRATION_LOCK = 0x5245_434F_4E00_0001
 LEADER_LOCK = 0x5245_434F_4E00_0002
+PRUNE_LOCK = 0x5245_434F_4E00_0003  # transaction-scoped: one prune batch at a time
 READERS = 8  # pooled connections for reads, per replica
 WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
 RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start
@@ -158,6 +176,43 @@ SELECT last_seq, pg_notify($7, last_seq::text || ' ' || $8) FROM head
 _NOTIFY = "SELECT pg_notify($1, '0 ' || $2)"
 _HEAD = "SELECT last_seq FROM log_head WHERE id = 1"
 
+# --- retention (see `batch.events_to_prune`, `batch.deliveries_to_prune`) ------------------
+_TERMINAL = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL))
+_PRUNE_TURN = "SELECT pg_try_advisory_xact_lock($1)"
+_OLDEST_EVENTS = "SELECT seq, at FROM events ORDER BY seq LIMIT $1"
+_PRUNE_EVENTS = "DELETE FROM events WHERE seq <= $1"
+# A delivery is settled when it never named a task, its task is gone, or its task is terminal.
+_SCAN_DELIVERIES = f"""
+SELECT d.id, d.received_at, d.task_id IS NULL OR t.status IS NULL OR t.status IN ({_TERMINAL})
+FROM deliveries AS d LEFT JOIN tasks AS t ON t.provider = d.provider AND t.task_id = d.task_id
+WHERE d.id > $1 ORDER BY d.id LIMIT $2
+"""
+_PRUNE_DELIVERIES = "DELETE FROM deliveries WHERE id = ANY($1::bigint[])"
+# Through `tasks_status_created`: a task's last change is not before its creation. Rows a
+# writer holds are skipped, and the outer condition is checked again on the row as it is
+# when the DELETE reaches it (a webhook may just have changed it).
+_PRUNE_TASKS = f"""
+DELETE FROM tasks WHERE (provider, task_id) IN (
+    SELECT provider, task_id FROM tasks
+    WHERE status IN ({_TERMINAL}) AND created_at < $1 AND updated_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED
+) AND status IN ({_TERMINAL}) AND updated_at < $1
+"""
+_COUNT_OLD_TASKS = f"""
+SELECT count(*) FROM tasks WHERE status IN ({_TERMINAL}) AND created_at < $1 AND updated_at < $1
+"""
+_COUNT_OLD_EVENTS = """
+SELECT count(*) FROM events
+WHERE seq < coalesce((SELECT seq FROM events WHERE at >= $1 ORDER BY seq LIMIT 1), $2)
+"""
+_OLDEST_SEQ = """
+SELECT coalesce((SELECT min(seq) FROM events), (SELECT last_seq FROM log_head WHERE id = 1) + 1)
+"""
+# The probe needs a new page, as the writes that failed did: a TRUNCATE gives the table a new,
+# empty file, so the INSERT after it has to extend that file.
+_PROBE = ("TRUNCATE store_probe", "INSERT INTO store_probe (probed_at) VALUES ($1)")
+DELIVERIES_PER_READ = 5000  # `prunable`: deliveries per read of the scan
+
 
 def lock_key(key: str) -> int:
     """A signed 64-bit advisory-lock key for `key` (a collision only serializes two
@@ -189,7 +244,7 @@ def parse_notice(payload: str) -> Commit | None:
 class _Transaction:
     """`batch.Transaction` on the writer connection, inside one transaction."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
     async def lock(self, keys: Collection[str]) -> None:
@@ -315,6 +370,30 @@ class _Transaction:
         last_seq: int = row[0]
         return last_seq - len(events) + 1
 
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int) -> Pruned:
+        conn = self.conn
+        if not await conn.fetchval(_PRUNE_TURN, PRUNE_LOCK):
+            return Pruned(0, True, after)  # another replica's turn: try again later
+        if kind is RowKind.EVENTS:
+            head = [(row[0], row[1]) for row in await conn.fetch(_OLDEST_EVENTS, limit)]
+            pruned = events_to_prune(head, before, limit)
+            if pruned.removed:
+                await conn.execute(_PRUNE_EVENTS, pruned.after)
+            return pruned
+        if kind is RowKind.DELIVERIES:
+            scanned = [(r[0], r[1], r[2]) for r in await conn.fetch(_SCAN_DELIVERIES, after, limit)]
+            doomed, pruned = deliveries_to_prune(scanned, before, limit, after)
+            if doomed:
+                await conn.execute(_PRUNE_DELIVERIES, doomed)
+            return pruned
+        removed = _count(await conn.execute(_PRUNE_TASKS, before, limit))
+        return Pruned(removed, removed >= limit)
+
+    async def probe(self, at: datetime) -> None:
+        truncate, insert = _PROBE
+        await self.conn.execute(truncate)
+        await self.conn.execute(insert, at)
+
 
 class PostgresStore(Batched):
     def __init__(
@@ -337,6 +416,7 @@ class PostgresStore(Batched):
         self._closing = False
         self.commits = 0
         self.retried = 0  # batches run again after a deadlock or lock timeout
+        self._write_failure: str | None = None
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -399,6 +479,52 @@ class PostgresStore(Batched):
 
     # --- writes ----------------------------------------------------------------------------
 
+    # --- retention and the full-disk check --------------------------------------------------
+
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int = 0) -> Pruned:
+        """One batch in a transaction of its own on a pooled connection: PostgreSQL deletes
+        beside the writer, so webhooks never wait behind a prune."""
+        if self._pool is None or self._closing:
+            raise StoreError("the store is closed")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                pruned: Pruned = await _Transaction(conn).prune(kind, before, limit, after)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise StoreError(f"prune failed ({type(error).__name__})") from None
+        return pruned
+
+    async def prunable(self, kind: RowKind, before: datetime) -> int:
+        if kind is RowKind.EVENTS:
+            rows = await self._fetch(_COUNT_OLD_EVENTS, before, 2**63 - 1)
+            return int(rows[0][0])
+        if kind is RowKind.DELIVERIES:
+            count, after, more = 0, 0, True
+            while more:
+                scanned = [
+                    (row[0], row[1], row[2])
+                    for row in await self._fetch(_SCAN_DELIVERIES, after, DELIVERIES_PER_READ)
+                ]
+                doomed, pruned = deliveries_to_prune(scanned, before, DELIVERIES_PER_READ, after)
+                count, after, more = count + len(doomed), pruned.after, pruned.more
+            return count
+        rows = await self._fetch(_COUNT_OLD_TASKS, before)
+        return int(rows[0][0])
+
+    async def oldest_seq(self) -> int:
+        rows = await self._fetch(_OLDEST_SEQ)
+        return int(rows[0][0])
+
+    async def size_bytes(self) -> int:
+        rows = await self._fetch("SELECT pg_database_size(current_database())")
+        return int(rows[0][0])
+
+    def write_failure(self) -> str | None:
+        return self._write_failure
+
+    async def probe(self) -> None:
+        await self._writer.submit(Probe(datetime.now(UTC)))
+        self._write_failure = None
+
     async def _run(self, ops: list[Op]) -> None:
         """One batch as one transaction; run again from the start (the decisions are pure)
         when PostgreSQL broke a deadlock or a lock wait timed out."""
@@ -410,6 +536,7 @@ class PostgresStore(Batched):
                 break
             except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as error:
                 if attempt == RETRIES:
+                    self._write_failure = _failure(error)
                     fail(ops, StoreError(f"write failed: {type(error).__name__}"))
                     return
                 self.retried += 1
@@ -418,9 +545,12 @@ class PostgresStore(Batched):
                 # Whatever broke (the database, the connection, a bug), no caller may think
                 # its write was committed; the next batch starts on a new connection.
                 logger.error("write transaction of %d operations failed: %r", len(ops), error)
+                self._write_failure = _failure(error)
                 await self._drop_writer()
                 fail(ops, StoreError(f"write failed ({type(error).__name__})"))
                 return
+        if commit is not None:  # it wrote rows: the store can commit again
+            self._write_failure = None
         self.commits += 1
         if commit is not None and self._on_commit is not None:
             self._on_commit(commit)
@@ -655,8 +785,10 @@ class PostgresStore(Batched):
                 await conn.execute(_LOCK_FOR_IMPORT)
                 if not await conn.fetchval(_IS_EMPTY):
                     raise StoreError("the target database is not empty: nothing was copied.")
-                tasks = deliveries = events = 0
+                tasks = deliveries = events = source_seq = source_delivery = 0
                 async for chunk in chunks:
+                    source_seq = max(source_seq, chunk.last_seq)
+                    source_delivery = max(source_delivery, chunk.last_delivery)
                     if chunk.tasks:
                         await conn.copy_records_to_table(
                             "tasks", records=_task_records(chunk.tasks), columns=_TASK_COLUMNS
@@ -674,8 +806,8 @@ class PostgresStore(Batched):
                             "events", records=_event_records(chunk.events), columns=_EVENT_COLUMNS
                         )
                         events += len(chunk.events)
-                last_seq: int = await conn.fetchval(_HEAD_AFTER_IMPORT)
-                await conn.execute(_DELIVERY_IDS_AFTER_IMPORT)
+                last_seq: int = await conn.fetchval(_HEAD_AFTER_IMPORT, source_seq)
+                await conn.execute(_DELIVERY_IDS_AFTER_IMPORT, source_delivery)
                 # A replica already running on this database hears of the copy at COMMIT.
                 earliest: datetime | None = await conn.fetchval(_EARLIEST_DUE)
                 await conn.execute(_NOTIFY_HEAD, CHANNEL, f"{last_seq} {_notice(earliest)}")
@@ -719,6 +851,21 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
+def _failure(error: Exception) -> str:
+    """Why a write transaction failed, for /readyz: the class and SQLSTATE only (a driver's
+    message may quote the connection string)."""
+    if isinstance(error, asyncpg.DiskFullError):
+        return f"PostgreSQL is out of disk space ({error.sqlstate})"
+    if isinstance(error, asyncpg.PostgresError):
+        return f"{type(error).__name__} ({error.sqlstate})"
+    return type(error).__name__
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as `DELETE 42`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _columns(rows: Collection[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows as columns, for one `unnest(...)` statement instead of one per row."""
     columns: list[list[Any]] = [[] for _ in range(width)]
@@ -759,14 +906,17 @@ _DELIVERY_COLUMNS = (
     "task_id",
 )
 _EVENT_COLUMNS = ("seq", "provider", "task_id", "type", "at", "body")
+# After the largest seq and id copied, or the source's own counters where retention pruned
+# its newest rows ($1: `Chunk.last_seq`, `Chunk.last_delivery`), whichever is larger.
 _HEAD_AFTER_IMPORT = """
-UPDATE log_head SET last_seq = (SELECT coalesce(max(seq), 0) FROM events) WHERE id = 1
+UPDATE log_head SET last_seq = greatest((SELECT coalesce(max(seq), 0) FROM events), $1)
+WHERE id = 1
 RETURNING last_seq
 """
 # is_called = false: the next nextval() returns exactly the largest id + 1 (1 when none).
 _DELIVERY_IDS_AFTER_IMPORT = """
 SELECT setval(pg_get_serial_sequence('deliveries', 'id'),
-              (SELECT coalesce(max(id), 0) + 1 FROM deliveries), false)
+              greatest((SELECT coalesce(max(id), 0) FROM deliveries), $1::bigint) + 1, false)
 """
 _EARLIEST_DUE = "SELECT min(next_poll_at) FROM tasks"
 _NOTIFY_HEAD = "SELECT pg_notify($1, $2)"

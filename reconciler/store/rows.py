@@ -152,6 +152,11 @@ class Chunk:
     tasks: Sequence[StoredTask] = ()
     deliveries: Sequence[StoredDelivery] = ()
     events: Sequence[StoredEvent] = ()
+    # The largest seq and delivery id the source ever gave, pruned ones included (retention
+    # may have removed the newest rows): an export's last chunk carries them, and an import
+    # continues the numbering after them, so no seq or id is ever given twice.
+    last_seq: int = 0
+    last_delivery: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,4 +164,4 @@ class Copied:
     tasks: int
     deliveries: int
     events: int
-    last_seq: int  # the log's head after the copy: the largest seq copied
+    last_seq: int  # the log's head after the copy

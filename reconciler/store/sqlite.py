@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator, Sequence
@@ -36,7 +37,19 @@ import aiosqlite
 
 from reconciler.codec import dumps, loads
 from reconciler.errors import MigrationError, StoreError
-from reconciler.model import Commit, Delivery, EventRow, Outcome, Task, TaskRef, iso, parse_iso
+from reconciler.model import (
+    TERMINAL,
+    Commit,
+    Delivery,
+    EventRow,
+    Outcome,
+    Pruned,
+    RowKind,
+    Task,
+    TaskRef,
+    iso,
+    parse_iso,
+)
 from reconciler.store import migrations
 from reconciler.store.base import (
     ListPosition,
@@ -47,8 +60,12 @@ from reconciler.store.batch import (
     Batched,
     EventRecord,
     Op,
+    Probe,
+    Prune,
     Writer,
     Writes,
+    deliveries_to_prune,
+    events_to_prune,
     fail,
     settle,
     write_batch,
@@ -90,14 +107,46 @@ INSERT INTO deliveries (id, provider, received_at, headers, body, sha256, outcom
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _UPDATE_DELIVERY = "UPDATE deliveries SET outcome = ?, error = ?, task_id = ? WHERE id = ?"
+# Numbering continues after the largest stored seq and id, or after the largest pruning
+# removed (migrations/sqlite/0005), whichever is larger: no number is ever given twice.
 _NEXT_IDS = """
-SELECT (SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT COALESCE(MAX(id), 0) FROM deliveries)
+SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT pruned_seq FROM store_state)),
+       MAX((SELECT COALESCE(MAX(id), 0) FROM deliveries),
+           (SELECT pruned_delivery FROM store_state))
 """
 _LEASE = "UPDATE tasks SET next_poll_at = ? WHERE provider = ? AND task_id = ?"
 _SELECT_DUE = """
 SELECT data, next_poll_at FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
 ORDER BY next_poll_at LIMIT ?
 """
+
+# --- retention (see `batch.events_to_prune`, `batch.deliveries_to_prune`) ------------------
+_TERMINAL = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL))
+_OLDEST_EVENTS = "SELECT seq, at FROM events ORDER BY seq LIMIT ?"
+_PRUNE_EVENTS = "DELETE FROM events WHERE seq <= ?"
+# A delivery is settled when it never named a task, its task is gone, or its task is terminal.
+_SCAN_DELIVERIES = f"""
+SELECT d.id, d.received_at, d.task_id IS NULL OR t.status IS NULL OR t.status IN ({_TERMINAL})
+FROM deliveries AS d LEFT JOIN tasks AS t ON t.provider = d.provider AND t.task_id = d.task_id
+WHERE d.id > ? ORDER BY d.id LIMIT ?
+"""
+_PRUNE_DELIVERY = "DELETE FROM deliveries WHERE id = ?"
+# Through `tasks_status_created`: a task's last change is not before its creation, so every
+# task last changed before the cutoff was also created before it.
+_OLD_TASKS = f"""
+FROM tasks WHERE status IN ({_TERMINAL}) AND created_at < ? AND updated_at < ?
+"""
+_PRUNE_TASK = "DELETE FROM tasks WHERE rowid = ?"
+_PRUNED_UP_TO = """
+UPDATE store_state SET pruned_seq = MAX(pruned_seq, ?), pruned_delivery = MAX(pruned_delivery, ?)
+WHERE id = 1
+"""
+_FIRST_YOUNG_EVENT = "SELECT seq FROM events WHERE at >= ? ORDER BY seq LIMIT 1"
+_OLDEST_SEQ = """
+SELECT COALESCE((SELECT MIN(seq) FROM events), (SELECT pruned_seq FROM store_state) + 1)
+"""
+_PROBE = "UPDATE store_state SET probed_at = ? WHERE id = 1"
+DELIVERIES_PER_READ = 5000  # `prunable`: deliveries per read of the scan
 
 
 def epoch(moment: datetime) -> float:
@@ -249,6 +298,28 @@ class _Transaction:
             self.db.executemany(_LEASE, [(moved, task.provider, task.task_id) for task in tasks])
         return tasks
 
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int) -> Pruned:
+        db, cutoff = self.db, epoch(before)
+        if kind is RowKind.EVENTS:
+            pruned = events_to_prune(db.execute(_OLDEST_EVENTS, (limit,)).fetchall(), cutoff, limit)
+            if pruned.removed:
+                db.execute(_PRUNE_EVENTS, (pruned.after,))
+                db.execute(_PRUNED_UP_TO, (pruned.after, 0))
+            return pruned
+        if kind is RowKind.DELIVERIES:
+            scanned = db.execute(_SCAN_DELIVERIES, (after, limit)).fetchall()
+            doomed, pruned = deliveries_to_prune(scanned, cutoff, limit, after)
+            if doomed:
+                db.executemany(_PRUNE_DELIVERY, [(did,) for did in doomed])
+                db.execute(_PRUNED_UP_TO, (0, max(doomed)))
+            return pruned
+        rows = db.execute(f"SELECT rowid {_OLD_TASKS} LIMIT ?", (cutoff, cutoff, limit)).fetchall()
+        db.executemany(_PRUNE_TASK, rows)
+        return Pruned(len(rows), len(rows) >= limit)
+
+    async def probe(self, at: datetime) -> None:
+        self.db.execute(_PROBE, (epoch(at),))
+
 
 class SQLiteStore(Batched):
     def __init__(
@@ -273,6 +344,7 @@ class SQLiteStore(Batched):
         self._closing = False
         self._opened = False
         self._last_seq = 0
+        self._write_failure: str | None = None
         self.stats = WriterStats()
 
     # --- lifetime --------------------------------------------------------------------
@@ -347,14 +419,67 @@ class SQLiteStore(Batched):
 
     # --- writes ----------------------------------------------------------------------
 
+    # --- retention and the full-disk check --------------------------------------------
+
+    async def prune(self, kind: RowKind, before: datetime, limit: int, after: int = 0) -> Pruned:
+        """Through the writer, like any write: one SQLite file has one writer, and a small
+        batch queued between webhook batches never holds one up for long."""
+        result: Pruned = await self._writer.submit(Prune(kind, before, limit, after))
+        return result
+
+    async def prunable(self, kind: RowKind, before: datetime) -> int:
+        cutoff = epoch(before)
+        if kind is RowKind.EVENTS:
+            young = await self._fetch(_FIRST_YOUNG_EVENT, (cutoff,))
+            end = young[0][0] if young else 2**63 - 1
+            rows = await self._fetch("SELECT COUNT(*) FROM events WHERE seq < ?", (end,))
+            return int(rows[0][0])
+        if kind is RowKind.DELIVERIES:
+            count, after, more = 0, 0, True
+            while more:
+                scanned = await self._fetch(_SCAN_DELIVERIES, (after, DELIVERIES_PER_READ))
+                doomed, pruned = deliveries_to_prune(scanned, cutoff, DELIVERIES_PER_READ, after)
+                count, after, more = count + len(doomed), pruned.after, pruned.more
+            return count
+        rows = await self._fetch(f"SELECT COUNT(*) {_OLD_TASKS}", (cutoff, cutoff))
+        return int(rows[0][0])
+
+    async def oldest_seq(self) -> int:
+        rows = await self._fetch(_OLDEST_SEQ)
+        return int(rows[0][0])
+
+    async def size_bytes(self) -> int:
+        """The database file and its WAL (which a checkpoint starts over, so it stays a
+        few MiB, up to `wal_reset_pages`)."""
+        size = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                size += os.stat(path).st_size
+        return size
+
+    def write_failure(self) -> str | None:
+        return self._write_failure
+
+    async def probe(self) -> None:
+        """A one-row update through the writer: its COMMIT appends to the WAL, which is what
+        fails while the disk is full (the WAL cannot grow, or its checkpoint into the
+        database file cannot, so the WAL cannot start over)."""
+        await self._writer.submit(Probe(datetime.now(UTC)))
+
     async def _run(self, ops: list[Op]) -> None:
         """One batch: commit it, resolve its callers, and checkpoint every few commits."""
+        db = self._db
+        assert db is not None
+        changes = db.total_changes
         try:
             results, commit = await self._transaction(ops)
         except Exception as error:
             logger.exception("write transaction of %d operations failed", len(ops))
+            self._write_failure = _failure(error)
             fail(ops, error)
             return
+        if db.total_changes != changes:  # a commit that wrote: the store can commit again
+            self._write_failure = None
         self.stats.commits += 1
         self.stats.operations += len(ops)
         self.stats.largest_batch = max(self.stats.largest_batch, len(ops))
@@ -566,6 +691,8 @@ class SQLiteStore(Batched):
                     yield Chunk(deliveries=[_stored_delivery(row) for row in rows])
                 async for rows in _read_chunks(db, _EXPORT_EVENTS, chunk_rows, chunk_bytes, 5):
                     yield Chunk(events=[_stored_event(row) for row in rows])
+                [(last_seq, last_delivery)] = await db.execute_fetchall(_NEXT_IDS)
+                yield Chunk(last_seq=last_seq, last_delivery=last_delivery)
             finally:
                 with contextlib.suppress(Exception):
                     await db.execute("ROLLBACK")  # it only read
@@ -642,6 +769,17 @@ async def migrate(db: aiosqlite.Connection) -> list[str]:
 
 def _commit(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
+
+
+def _failure(error: Exception) -> str:
+    """Why a write transaction failed, for /readyz: SQLite's words, which name no secret."""
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+            return "the disk is full (SQLITE_FULL)"
+        name = getattr(error, "sqlite_errorname", None)
+        return f"{error} ({name})" if name else str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 @contextlib.contextmanager

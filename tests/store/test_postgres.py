@@ -184,7 +184,7 @@ async def test_replicas_starting_together_migrate_once(url: str) -> None:
     admin = await asyncpg.connect(url)
     try:
         await admin.execute(
-            "DROP TABLE schema_migrations, tasks, events, deliveries, log_head CASCADE"
+            "DROP TABLE schema_migrations, tasks, events, deliveries, log_head, store_probe CASCADE"
         )
     finally:
         await admin.close()

@@ -99,6 +99,7 @@ async def test_tasks_survive_the_move_to_a_rowid_table(tmp_path: Path) -> None:
             DROP TABLE tasks;
             ALTER TABLE old_tasks RENAME TO tasks;
             CREATE INDEX deliveries_task ON deliveries (provider, task_id);
+            DROP TABLE store_state;
             DELETE FROM schema_migrations WHERE number >= 3;
             """
         )
@@ -178,6 +179,7 @@ async def test_times_and_event_bodies_move_to_their_new_form(tmp_path: Path) -> 
             if table == "events":
                 old = '{"seq":1,' + old[1:]
             db.execute(f"UPDATE {table} SET {column} = ?", (old,))
+        db.execute("DROP TABLE store_state")
         db.execute("DELETE FROM schema_migrations WHERE number >= 4")
 
     async with SQLiteStore(path) as store:
