@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 _NEVER = datetime.max.replace(tzinfo=UTC)
 # A replica that could not reach the database to wait for the loop's lock asks again after.
 LEADERSHIP_RETRY_SECONDS = 1.0
+# A pass the store failed (full disk, database gone) is tried again after this.
+STORE_RETRY_SECONDS = 5.0
 
 # The loop's lock, from the store: entering waits until this process may run the loop; the
 # Event it yields is set if that may have ended.
@@ -170,8 +172,8 @@ class Reconciler:
         PostgreSQL). Until it holds it, this waits on `standby`; if it loses it, the passes
         end (polls under way finish) and it waits again. Polls started by a pass run on
         while the loop sleeps and starts later passes: a slow or hanging provider delays
-        only its own tasks. A store error ends the loop (and the process, through the
-        runtime); a provider's failures never do.
+        only its own tasks. Neither a provider's failures nor a store that cannot commit
+        end it: a pass the store failed is tried again `STORE_RETRY_SECONDS` later.
         """
         self._check_open()
         stopping = asyncio.create_task(self._stop.wait())
@@ -224,11 +226,23 @@ class Reconciler:
                     # The pass sees every poll due by its start, so earlier rings are spent;
                     # during it only polls planned before its start could be missed (none
                     # are planned in the past); while the next due time is read, any may.
-                    alarm.reset(self.clock.now())
+                    now = self.clock.now()
+                    alarm.reset(now)
                     report = PassReport()
-                    await self._pass(group, report)
-                    alarm.next_look = None
-                    report.next_due_at = await self.service.next_due_at()
+                    try:
+                        await self._pass(group, report)
+                        alarm.next_look = None
+                        report.next_due_at = await self.service.next_due_at()
+                    except* StoreError as failed:
+                        # The store cannot commit or answer (full disk, database gone): the
+                        # loop waits and tries again, so that it recovers by itself when
+                        # the store does (SPEC §4); what it leased stays leased meanwhile.
+                        logger.error(
+                            "reconciler pass failed on the store (%s); trying again in %g s",
+                            failed.exceptions[0],
+                            STORE_RETRY_SECONDS,
+                        )
+                        report.next_due_at = after(now, STORE_RETRY_SECONDS)
                     alarm.next_look = report.next_due_at or _NEVER
                     if self._stop.is_set() or lost.is_set():
                         break
@@ -391,7 +405,19 @@ class Reconciler:
             lane, permit, tasks, stop=self._stop, metrics=self.metrics, sent=report.requests
         )
         self._publish(lane, self.clock.now())
-        await self._settle(lane, tasks, ending, report)
+        try:
+            await self._settle(lane, tasks, ending, report)
+        except* StoreError as failed:
+            # The store cannot commit (full disk, database gone): the answers are lost, the
+            # tasks stay leased and are polled again when the lease ends.
+            logger.error(
+                "%s: could not record the polls of %d task(s) (%s); they are polled again "
+                "when their lease ends",
+                lane.name,
+                len(tasks),
+                failed.exceptions[0],
+            )
+            report.abandoned += len(tasks)
 
     async def _settle(
         self, lane: Lane, tasks: list[Task], ending: Ending, report: PassReport

@@ -33,10 +33,11 @@ from reconciler.limits import (
 )
 from reconciler.model import Change, Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PollResult
-from reconciler.reconciler import PassReport, Reconciler
+from reconciler.reconciler import STORE_RETRY_SECONDS, PassReport, Reconciler
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.simulator import auth as sim_auth
+from reconciler.store.sqlite import SQLiteStore
 from tests.conftest import Served, StartService, serve
 
 FIRST_POLL_AFTER = 60.0
@@ -977,3 +978,35 @@ async def test_a_hand_back_leaves_a_task_rescheduled_since_its_lease(
         [again] = await h.service.lease_due(10, 120, now)
         await h.service.defer([again], later, leases=lease)
         assert (await h.task(provider, task_id)).next_poll_at == later  # still ours: back
+
+
+async def test_run_survives_a_store_that_cannot_commit_and_recovers_with_it(
+    tmp_path: Path,
+) -> None:
+    """SPEC §4: a store that cannot commit (full disk, database gone) must not end the loop:
+    its pass is tried again a few seconds later, and polls go on once the store is back."""
+    clock = WatchedClock()
+    async with (
+        Simulator(clock=clock, seed=3).serve() as sim,
+        harness(tmp_path, clock, sim) as h,
+    ):
+        created = sim.create_task("kie", action="jobs", finish_after=3600)
+        ref = await register(h, "kie", created.task_id, "jobs")
+        async with SQLiteStore(tmp_path / "gone.sqlite") as gone:
+            pass  # a real store that refuses every operation
+        working, h.service.store = h.service.store, gone
+        running = asyncio.create_task(h.loop.run())
+        try:
+            failed_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER)
+            clock.set(failed_at)
+            retry = failed_at + timedelta(seconds=STORE_RETRY_SECONDS)
+            await clock.until(lambda: retry in clock.sleeping)  # the pass failed; it waits
+            assert not running.done() and h.loop.health.loop_running
+            h.service.store = working
+            clock.set(retry)
+            await polled(h, [ref], 1)
+        finally:
+            h.service.store = working
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
