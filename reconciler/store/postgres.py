@@ -81,6 +81,7 @@ from reconciler.store.batch import (
 from reconciler.store.rows import (
     Chunk,
     Copied,
+    Leased,
     StoredDelivery,
     StoredEvent,
     StoredTask,
@@ -114,7 +115,7 @@ _STORED_DELIVERIES = """
 SELECT id, provider, received_at, headers, body, sha256 FROM deliveries WHERE id = ANY($1::bigint[])
 """
 _TASKS_FOR_UPDATE = """
-SELECT data, next_poll_at FROM tasks
+SELECT provider, task_id, version, updated_at, data, next_poll_at FROM tasks
 WHERE (provider, task_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 FOR UPDATE
 """
@@ -244,8 +245,13 @@ def parse_notice(payload: str) -> Commit | None:
 class _Transaction:
     """`batch.Transaction` on the writer connection, inside one transaction."""
 
-    def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        leased: Leased | None = None,
+    ) -> None:
         self.conn = conn
+        self.leased = leased or Leased()
 
     async def lock(self, keys: Collection[str]) -> None:
         if keys:
@@ -268,7 +274,11 @@ class _Transaction:
     async def tasks(self, refs: Collection[TaskRef]) -> list[Task]:
         providers, task_ids = _columns(sorted(refs), 2)
         rows = await self.conn.fetch(_TASKS_FOR_UPDATE, providers, task_ids)
-        return [task_from_json(data, due) for data, due in rows]
+        read = self.leased.read
+        return [
+            read(TaskRef(provider, task_id), version, updated_at, data, due)
+            for provider, task_id, version, updated_at, data, due in rows
+        ]
 
     async def delivery_ids(self, count: int) -> list[int]:
         return [row[0] for row in await self.conn.fetch(_DELIVERY_IDS, count)]
@@ -356,7 +366,7 @@ class _Transaction:
         rows = await self.conn.fetch(_LEASE, now, limit, until)
         tasks = [task_from_json(data, due) for data, due in rows]
         tasks.sort(key=lambda task: task.next_poll_at or now)
-        return tasks
+        return self.leased.keep(tasks)
 
     async def append(self, events: Sequence[EventRecord], earliest_due: datetime | None) -> int:
         if not events:
@@ -411,6 +421,7 @@ class PostgresStore(Batched):
         self._pool: asyncpg.Pool | None = None
         self._writer_conn: asyncpg.Connection | None = None
         self._writer = Writer(self._run)
+        self._leased = Leased()
         self._listening: asyncio.Task[None] | None = None
         self._opened = False
         self._closing = False
@@ -532,7 +543,7 @@ class PostgresStore(Batched):
             try:
                 conn = await self._writer_connection()
                 async with conn.transaction():
-                    results, commit = await write_batch(_Transaction(conn), ops)
+                    results, commit = await write_batch(_Transaction(conn, self._leased), ops)
                 break
             except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as error:
                 if attempt == RETRIES:

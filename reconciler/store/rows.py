@@ -18,7 +18,17 @@ from datetime import datetime
 from typing import Any
 
 from reconciler.codec import dumps, loads
-from reconciler.model import Change, EventType, Source, Status, Task, Video, iso, parse_iso
+from reconciler.model import (
+    Change,
+    EventType,
+    Source,
+    Status,
+    Task,
+    TaskRef,
+    Video,
+    iso,
+    parse_iso,
+)
 
 
 def public_json(task: Task) -> str:
@@ -165,3 +175,38 @@ class Copied:
     deliveries: int
     events: int
     last_seq: int  # the log's head after the copy
+
+
+class Leased:
+    """The tasks a store leased for polls, as it read them. When a poll's result is applied,
+    its row is read again inside the write transaction; a row whose version and last change
+    have not moved since the lease holds this very task (the lease moved only the poll-time
+    column), so its JSON need not be parsed a second time: a tenth of the loop's CPU when
+    100,000 polls fall due together (bench/burst.py)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._tasks: dict[TaskRef, Task] = {}
+
+    def keep(self, tasks: list[Task]) -> list[Task]:
+        for task in tasks:
+            self._tasks[task.ref] = task
+        while len(self._tasks) > self.size:  # leases never settled (abandoned): oldest first
+            del self._tasks[next(iter(self._tasks))]
+        return tasks
+
+    def read(
+        self,
+        ref: TaskRef,
+        version: int,
+        updated_at: datetime,
+        data: str,
+        next_poll_at: datetime | None,
+    ) -> Task:
+        """The stored task: the leased one when the row still holds it, else `data` parsed."""
+        task = self._tasks.pop(ref, None)
+        if task is None or task.version != version or task.updated_at != updated_at:
+            return task_from_json(data, next_poll_at)
+        return (
+            task if task.next_poll_at == next_poll_at else task.replace(next_poll_at=next_poll_at)
+        )

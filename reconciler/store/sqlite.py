@@ -72,6 +72,7 @@ from reconciler.store.batch import (
 )
 from reconciler.store.rows import (
     Chunk,
+    Leased,
     StoredDelivery,
     StoredEvent,
     StoredTask,
@@ -173,8 +174,9 @@ class _Transaction:
     """`batch.Transaction` on the writer's connection, inside `BEGIN IMMEDIATE`: one writer
     owns the file, so `lock` has nothing to do, and ids continue from the database's own."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, leased: Leased) -> None:
         self.db = db
+        self.leased = leased
         # fetchall(): an unexhausted cursor keeps its statement open, and COMMIT refuses to
         # run while one is.
         [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
@@ -213,15 +215,25 @@ class _Transaction:
 
     async def tasks(self, refs: Collection[TaskRef]) -> list[Task]:
         found: list[Task] = []
+        read = self.leased.read
         for provider, task_ids in _by_provider(refs).items():
             for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
                 sql = (
-                    "SELECT data, next_poll_at FROM tasks WHERE provider = ? "
-                    f"AND task_id IN ({','.join('?' * len(chunk))})"
+                    "SELECT task_id, version, updated_at, data, next_poll_at FROM tasks "
+                    f"WHERE provider = ? AND task_id IN ({','.join('?' * len(chunk))})"
                 )
-                found.extend(
-                    _task(data, due) for data, due in self.db.execute(sql, [provider, *chunk])
-                )
+                for task_id, version, updated_at, data, due in self.db.execute(
+                    sql, [provider, *chunk]
+                ):
+                    found.append(
+                        read(
+                            TaskRef(provider, task_id),
+                            version,
+                            from_epoch(updated_at),
+                            data,
+                            None if due is None else from_epoch(due),
+                        )
+                    )
         return found
 
     async def delivery_ids(self, count: int) -> list[int]:
@@ -291,7 +303,7 @@ class _Transaction:
 
     async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
         rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
-        tasks = [_task(data, due) for data, due in rows]
+        tasks = self.leased.keep([_task(data, due) for data, due in rows])
         if tasks:
             # Only the poll time changes: the column alone (see `rows.task_from_json`).
             moved = epoch(until)
@@ -341,6 +353,7 @@ class SQLiteStore(Batched):
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._writer = Writer(self._run)
+        self._leased = Leased()
         self._closing = False
         self._opened = False
         self._last_seq = 0
@@ -539,7 +552,7 @@ class SQLiteStore(Batched):
             # writer thread, under the busy timeout, instead of blocking the loop.
             await loop.run_in_executor(self._executor, _begin_waiting, db)
         try:
-            results, commit = await write_batch(_Transaction(db), ops)
+            results, commit = await write_batch(_Transaction(db, self._leased), ops)
             await loop.run_in_executor(self._executor, _commit, db)
         except BaseException:
             with contextlib.suppress(Exception):

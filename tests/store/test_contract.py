@@ -300,3 +300,27 @@ async def test_a_change_that_moves_no_indexed_column_is_read_back_everywhere(
     assert [t.task_id for t in await any_store.list_tasks(status="processing")] == ["quiet"]
     counts = {(s.status, s.source): s.count for s in await any_store.settled_counts()}
     assert counts == {("processing", "register"): 1}
+
+
+async def test_a_decision_after_a_lease_sees_what_changed_since(any_store: Store) -> None:
+    """A leased task is read again when its poll's result is applied: whatever was written
+    meanwhile (a webhook) is what the rule decides on, not the task as it was leased."""
+    ref = TaskRef("acedata", "leased")
+    await any_store.apply([ref], creating(ref))
+    [leased] = await any_store.lease_due(NOW + timedelta(seconds=60), 10, 30)
+    assert leased.status is Status.SUBMITTED
+    await any_store.apply([ref], progressing(70))  # a webhook meanwhile
+    seen: list[Task] = []
+
+    def record(task: Task | None) -> Change | None:
+        assert task is not None
+        seen.append(task)
+        return None
+
+    await any_store.apply([ref], record)
+    assert seen[0].status is Status.PROCESSING and seen[0].progress == 70
+    assert seen[0].next_poll_at == NOW + timedelta(seconds=90)  # the lease's column
+    # Unchanged since its lease, it reads back as leased, with the lease's poll time.
+    [again] = await any_store.lease_due(NOW + timedelta(seconds=90), 10, 30)
+    await any_store.apply([ref], record)
+    assert seen[1] == again.replace(next_poll_at=NOW + timedelta(seconds=120))
