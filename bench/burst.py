@@ -69,6 +69,7 @@ class Options:
     timeout: float = 600.0
     pin: bool = True
     profile: str | None = None  # py-spy's speedscope file of the service over the wave
+    json_path: str | None = None  # each task's due and first poll time, each request's size
 
 
 def pinned(cpu: str, argv: Sequence[str], pin: bool) -> list[str]:
@@ -188,6 +189,7 @@ async def run(o: Options, workdir: Path) -> int:
 
         # Wait for every task's first poll, reading the simulator's request log as it grows.
         first_asked: dict[str, datetime] = {}
+        timeline: list[tuple[float, int]] = []  # each provider request: when, how many tasks
         requests = 0
         after = 0
         deadline = time.monotonic() + o.timeout
@@ -198,12 +200,16 @@ async def run(o: Options, workdir: Path) -> int:
             for recorded in page["requests"]:
                 requests += 1
                 at = datetime.fromisoformat(recorded["at"])
+                timeline.append((at.timestamp(), len(recorded["task_ids"])))
                 for task_id in recorded["task_ids"]:
                     first_asked.setdefault(task_id, at)
             after = page["next"]
             peak_rss = max(peak_rss, reconcile.proc_status(service.pid).get("VmRSS", 0))
-            if not page["requests"]:
-                await asyncio.sleep(1.0)  # the log has nothing new yet: look again later
+            if len(page["requests"]) < 5000:
+                # Caught up with the log: look again later. Reading it costs the simulator,
+                # which shares a core with this process, and its answers' latency is part of
+                # what is measured.
+                await asyncio.sleep(5.0)
         cpu = reconcile.cpu_seconds(service.pid) - cpu_before
         if profiler is not None:
             async with asyncio.timeout(120):
@@ -238,6 +244,16 @@ async def run(o: Options, workdir: Path) -> int:
             await admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
     missing = o.tasks - len(lags)
+    if o.json_path:
+        Path(o.json_path).write_text(
+            json.dumps(
+                {
+                    "due": {t: c.timestamp() + o.first_poll_after for t, c in due.items()},
+                    "first_asked": {t: a.timestamp() for t, a in first_asked.items()},
+                    "requests": timeline,
+                }
+            )
+        )
     pinning = f"service on CPU {SERVICE_CPU}" if o.pin else "no CPU pinning"
     print(
         f"\n{o.tasks} AceData tasks on {o.database}, rate limit {o.rate_limit:g}/s, "
@@ -272,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=Options.timeout)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--profile", help="write a py-spy profile of the service to this file")
+    parser.add_argument("--json", help="write each task's due and first poll time here")
     ns = parser.parse_args(argv)
     options = Options(
         tasks=ns.tasks,
@@ -283,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=ns.timeout,
         pin=not ns.no_pin and (os.cpu_count() or 1) >= 2,
         profile=ns.profile,
+        json_path=ns.json,
     )
     print(reconcile.machine_description(), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp:
