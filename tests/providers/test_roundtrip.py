@@ -7,7 +7,7 @@ tests check the adapters against an independent rendering of each provider's sha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import httpx
@@ -34,13 +34,6 @@ CASES = [
     ("kie", "jobs", None),
     ("kie", "veo", None),
 ]
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    simulator = Simulator(clock=clock, seed=7)
-    async with simulator.serve():
-        yield simulator
 
 
 def adapter(sim: Simulator, clock: FakeClock, name: str, **env: str) -> Provider:

@@ -31,17 +31,6 @@ from reconciler.simulator import Faults, RecordedRequest, Simulator
 # -- fixtures and helpers --------------------------------------------------------------
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def sim(clock: FakeClock) -> AsyncIterator[Simulator]:
-    async with Simulator(clock=clock, seed=7).serve() as served:
-        yield served
-
-
 class Receiver:
     """The application side of callbacks: records every POST it gets."""
 
