@@ -3,7 +3,8 @@ processes: three `python -m reconciler serve` on one database and the simulator 
 process (`python -m reconciler.simulator`, real time, a third of its callbacks dropped).
 
 Each task's callbacks go to one replica and its registration to another (round-robin), so
-registrations race first callbacks across processes. Once the tasks are under way, the
+registrations race first callbacks across processes; a standby replica is asked to poll a
+task now, which the leader does. Once the tasks are under way, the
 replica that runs the reconciler loop is killed with SIGKILL: another takes the loop over,
 and the tasks whose callbacks were dropped, or addressed to the dead replica, are settled by
 its polls. Then, read through a surviving replica: every task is in its true state, the log
@@ -172,6 +173,13 @@ async def test_three_replicas_one_killed_every_task_right_one_log(postgres_url: 
             )
         )
         assert {response.status_code for response in registrations} <= {200, 201}
+
+        # "Poll now" on a replica that does not run the loop: the leader polls it, within
+        # the provider's limits, and the answer waits for that poll.
+        standby = urls[states.index("standby")]
+        first = created[0]
+        polled = await client.post(f"{standby}/tasks/{first['provider']}/{first['task_id']}/poll")
+        assert polled.status_code == 200 and polled.json()["polls"] >= 1, polled.text
 
         # Kill the leader while the tasks are under way: some callbacks are in, most not.
         survivor = urls[(replicas.index(leader) + 1) % 3]
