@@ -184,7 +184,7 @@ class Leased:
     column), so its JSON need not be parsed a second time: a tenth of the loop's CPU when
     100,000 polls fall due together (bench/burst.py)."""
 
-    def __init__(self, size: int = 50_000) -> None:
+    def __init__(self, size: int = 20_000) -> None:
         self.size = size
         self._tasks: dict[TaskRef, Task] = {}
 
