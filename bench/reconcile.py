@@ -11,8 +11,9 @@ What it measures (SPEC §7, "100,000 tracked non-terminal tasks" and "Provider c
   registration, or a callback that moved it), so the *schedule lag* of a task is
   `completed_at - (last non-terminal event + FIRST_POLL_AFTER)`; it includes the provider
   request and the commit. Max and p99 over every poll-settled task.
-- **Resident memory** of the service process: `VmRSS` from `/proc/PID/status` sampled over
-  the run, and `VmHWM` (the kernel's own peak) read just before it is stopped.
+- **Resident memory** of the service process (of each replica, with `--replicas`): `VmRSS`
+  from `/proc/PID/status` sampled over the run, and `VmHWM` (the kernel's own peak) read just
+  before it is stopped; the target holds for each process.
 - **Provider queries per task**: the simulator's request counts of kind query, list and
   batch (`GET /_sim/stats`; task creation goes through the control endpoint and is not a
   provider request), divided by the number of tasks.
@@ -21,9 +22,11 @@ What it measures (SPEC §7, "100,000 tracked non-terminal tasks" and "Provider c
   simulator. Its *poll window* is `FIRST_POLL_AFTER`: the poll is due at most that long after
   the task's last sign of life, which is before it finished.
 - **Correctness**: every task must end in its true terminal state (the simulator's
-  `final_status`), completed ones with the simulator's video URL.
+  `final_status`), completed ones with the simulator's video URL, with exactly one terminal
+  event; and the event log (`GET /events`, read whole) is one contiguous sequence of seqs
+  from 1.
 
-How it runs. Three processes, each bounded in time:
+How it runs. Three processes (more with `--replicas`), each bounded in time:
 
 * the simulator, `python -m reconciler.simulator --no-callback-bodies --faults
   '{"drop": 0.1}' --callback-concurrency 64` (its own process: its memory and CPU are not
@@ -37,7 +40,31 @@ How it runs. Three processes, each bounded in time:
   service (`POST /tasks`) over `--connections` keep-alive connections (a minimal HTTP/1.1
   client: httpx would cost this process more CPU than the service it measures, on a
   2-core machine). Then it waits until every task is terminal, reads every task back
-  (`GET /tasks` pages), and the event log of every poll-settled task.
+  (`GET /tasks` pages), the event log of every poll-settled task, and the whole log.
+
+Several replicas (`--database postgresql --replicas N`). The service's database is then a
+fresh PostgreSQL database, `bench_reconcile_<pid>`, created on the server named by
+`RECONCILER_BENCH_POSTGRES_URL` (default `postgresql://postgres@127.0.0.1:5432/postgres`;
+needs `pip install -e '.[postgres]'`) and dropped at the end. N `reconciler serve`
+processes (`--replicas`, default 1; more than one needs PostgreSQL) are started one after
+another on it, each on its own port, and this process waits (bounded) until exactly one of
+them says `"loop": "leading"` on `GET /readyz`: that replica runs the reconciler loop, and
+its `/metrics` gives the poll lag and the task counts. Task *i* is registered with replica
+*i mod N* and its `callback_url` names replica *(i + 1) mod N*, so with N > 1 every callback
+lands on another replica than the registration. The reads at the end go to the replicas in
+turn (a `GET /tasks` page to one, the next page with its cursor to the next). Reported per
+replica: sampled RSS, `VmHWM`, CPU seconds, and its loop state at the start and at the end;
+the service RSS and CPU lines are the largest and the sum of the replicas. A replica that
+exits before the end fails the run (the tasks are still read, from the others). The
+PostgreSQL server's CPU time (the postmaster and its backends, when it runs on this machine:
+the whole server, whoever else uses it) is reported on its own and not counted as "other
+processes".
+
+No CPU pinning. The service, the simulator, this process (and PostgreSQL) share the
+machine's cores as the scheduler places them: on a 2-core machine, N replicas plus
+PostgreSQL cannot each have a core, and pinning them to one would measure the pinning.
+Read the figures with the "other processes" CPU line: they are as good as the machine was
+quiet.
 
 Task mix: kling (text2video, image2video), cometapi, gateway (all five renderings), acedata
 and kie (jobs and veo); 10% fail. Each task runs `--min-duration`..`--max-duration` seconds
@@ -55,6 +82,8 @@ Usage (from the repository root):
     python bench/reconcile.py --tasks 20000     # fewer
     python bench/reconcile.py --quick           # smoke run: 2,000 tasks, about 1 minute
     python bench/reconcile.py --json out.json   # also write the figures as JSON
+    python bench/reconcile.py --database postgresql --replicas 2   # 2 replicas, PostgreSQL
+    python bench/reconcile.py --quick --database postgresql --replicas 2
 
 The whole run is bounded by `--timeout` (default 900 s); every wait inside it is bounded.
 """
@@ -64,6 +93,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -82,10 +113,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-callback-token"
+POSTGRES_URL = os.environ.get(
+    "RECONCILER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 # SPEC §7 targets.
 TARGET_LAG_SECONDS = 1.0
@@ -132,6 +166,8 @@ class Options:
     seed: int = 1
     json_path: str | None = None
     keep: bool = False
+    database: str = "sqlite"  # or "postgresql"
+    replicas: int = 1  # `reconciler serve` processes on the one database
 
     @classmethod
     def quick(cls) -> Options:
@@ -251,6 +287,18 @@ class Pool:
     async def close(self) -> None:
         for connection in self._all:
             await connection.close()
+
+
+class RoundRobin:
+    """Requests sent to several servers in turn: reads any replica may answer."""
+
+    def __init__(self, pools: Sequence[Pool]) -> None:
+        self._turn = itertools.cycle(pools)
+
+    async def request(
+        self, method: str, target: str, body: object = None, seconds: float = 60.0
+    ) -> tuple[int, Any]:
+        return await next(self._turn).request(method, target, body, seconds)
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -377,6 +425,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(postmaster: int) -> float:
+    """CPU time of a PostgreSQL server so far: the postmaster, its living children, and the
+    children it has reaped (an ended backend's time is in the postmaster's cutime/cstime)."""
+    ticks = 0
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = path.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # a process that just ended: the postmaster's reaped time has it
+        if int(path.parent.name) == postmaster:
+            ticks += sum(int(x) for x in fields[11:15])
+        elif int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -401,6 +465,19 @@ class Sample:
 
 
 @dataclass
+class Replica:
+    """One `reconciler serve` process and what it cost."""
+
+    url: str
+    pid: int
+    loop_at_start: str = ""  # its GET /readyz "loop": "leading" or "standby"
+    loop_at_end: str = ""
+    rss_max_mb: float = 0.0
+    hwm_mb: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+@dataclass
 class Result:
     """Everything measured, printed by `report` and written by `--json`."""
 
@@ -415,9 +492,11 @@ class Result:
     lag_max: float = 0.0
     lag_p99: float = 0.0
     lag_samples: int = 0
-    rss_max_mb: float = 0.0
-    hwm_mb: float = 0.0
-    service_cpu_seconds: float = 0.0
+    rss_max_mb: float = 0.0  # of the largest replica
+    hwm_mb: float = 0.0  # of the largest replica
+    service_cpu_seconds: float = 0.0  # all replicas together
+    replicas: list[Replica] = field(default_factory=list)
+    postgres_cpu_seconds: float | None = None  # the server's, when it runs on this machine
     other_cpu_seconds: float = 0.0  # CPU time of processes outside this benchmark
     run_seconds: float = 0.0
     load_max: float = 0.0
@@ -440,17 +519,21 @@ class Result:
     schedule_lag_over_1s: int = 0
     events_checked: int = 0
     duplicate_terminal_events: int = 0
+    log_events: int = 0  # the whole log, read at the end
+    log_problem: str | None = None  # a gap or a repeat in its seqs
     samples: list[Sample] = field(default_factory=list)
 
 
-def plan_tasks(options: Options, callback_base: str) -> list[dict[str, Any]]:
-    """The creation specs, deterministic for `--seed`."""
+def plan_tasks(options: Options, replica_urls: Sequence[str]) -> list[dict[str, Any]]:
+    """The creation specs, deterministic for `--seed`. Task n's callbacks go to replica
+    n + 1 (mod N): the next one after the replica it is registered with."""
     rng = random.Random(options.seed)
     kinds = [(p, a, r) for p, a, r, _ in MIX]
     weights = [w for *_, w in MIX]
     specs = []
-    for _ in range(options.tasks):
+    for n in range(options.tasks):
         provider, action, rendering = rng.choices(kinds, weights)[0]
+        callback_base = replica_urls[(n + 1) % len(replica_urls)]
         spec: dict[str, Any] = {
             "provider": provider,
             "action": action,
@@ -463,6 +546,17 @@ def plan_tasks(options: Options, callback_base: str) -> list[dict[str, Any]]:
             spec["rendering"] = rendering
         specs.append(spec)
     return specs
+
+
+def local_postmaster(backend: int) -> int | None:
+    """The PostgreSQL server's postmaster pid when it runs on this machine (the parent of
+    our backend, a `postgres` process), else None."""
+    try:
+        parent = int(Path(f"/proc/{backend}/stat").read_text().rpartition(")")[2].split()[1])
+        name = Path(f"/proc/{parent}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return None
+    return parent if name == "postgres" else None
 
 
 def epoch(text: str) -> float:
@@ -506,6 +600,7 @@ class Bench:
         self.truth: dict[tuple[str, str], Truth] = {}
         self.t0 = time.monotonic()
         self.sampling = asyncio.Event()
+        self.postmaster: int | None = None  # of a PostgreSQL server on this machine
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -514,6 +609,35 @@ class Bench:
         print(f"[{self.elapsed():6.1f} s] {message}", flush=True)
 
     # -- processes
+
+    @contextlib.asynccontextmanager
+    async def database(self) -> AsyncIterator[str]:
+        """The service's database URL: a SQLite file in the work directory, or a fresh
+        PostgreSQL database, dropped at the end."""
+        if self.options.database == "sqlite":
+            yield f"sqlite:///{self.workdir / 'reconciler.db'}"
+            return
+        import asyncpg  # the `postgres` extra, needed only here
+
+        name = f"bench_reconcile_{os.getpid()}"
+        server = urlsplit(POSTGRES_URL)
+        try:
+            admin = await asyncpg.connect(POSTGRES_URL)
+        except (OSError, asyncpg.PostgresError) as error:
+            # The class only: the driver's message may quote the URL's password.
+            raise RuntimeError(
+                f"cannot connect to PostgreSQL on {server.hostname}:{server.port or 5432} "
+                f"({type(error).__name__}); set RECONCILER_BENCH_POSTGRES_URL"
+            ) from None
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            self.postmaster = local_postmaster(await admin.fetchval("SELECT pg_backend_pid()"))
+            try:
+                yield urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{name}"))
+            finally:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
     @contextlib.asynccontextmanager
     async def simulator(self) -> AsyncIterator[tuple[str, dict[str, str], Child]]:
@@ -537,11 +661,14 @@ class Bench:
             await child.stop()
 
     @contextlib.asynccontextmanager
-    async def service(self, sim_environ: dict[str, str]) -> AsyncIterator[tuple[str, Child]]:
+    async def service(
+        self, sim_environ: dict[str, str], database_url: str, index: int
+    ) -> AsyncIterator[Replica]:
+        """Replica `index` of the service, recorded in the result with what it cost."""
         o = self.options
         env = clean_environ() | sim_environ
         env |= {
-            "RECONCILER_DATABASE_URL": f"sqlite:///{self.workdir / 'reconciler.db'}",
+            "RECONCILER_DATABASE_URL": database_url,
             "RECONCILER_CALLBACK_TOKEN": TOKEN,
             "RECONCILER_FIRST_POLL_AFTER": f"{o.first_poll_after:g}",
             "RECONCILER_RATE_LIMIT": f"{o.rate_limit:g}",
@@ -559,29 +686,67 @@ class Bench:
             "--log-level",
             "WARNING",
         ]
-        child = await start_child("service", argv, env, self.workdir / "service.err")
+        name = "service" if o.replicas == 1 else f"replica{index}"
+        child = await start_child(name, argv, env, self.workdir / f"{name}.err")
         match = re.search(r"http://[\d.]+:\d+", child.first_line)
         if match is None:
             await child.stop()
-            raise RuntimeError(f"unexpected first line from the service: {child.first_line!r}")
+            raise RuntimeError(f"unexpected first line from {name}: {child.first_line!r}")
+        replica = Replica(match.group(0), child.pid)
+        self.result.replicas.append(replica)
         try:
-            yield match.group(0), child
+            yield replica
         finally:
             hwm = proc_status(child.pid).get("VmHWM")
             if hwm is not None:
-                self.result.hwm_mb = hwm / 1024
-            self.result.service_cpu_seconds = cpu_seconds(child.pid)
+                replica.hwm_mb = hwm / 1024
+            replica.cpu_seconds = cpu_seconds(child.pid)
             code = await child.stop()
             if code != 0:
+                self.result.wrong.append(f"{name} exited with {code}")
                 print(
-                    f"the service exited with {code}:\n{tail(self.workdir / 'service.err')}",
+                    f"{name} exited with {code}:\n{tail(self.workdir / f'{name}.err')}",
                     file=sys.stderr,
                 )
 
+    async def loop_states(self, services: Sequence[Pool]) -> list[str]:
+        """What each replica's GET /readyz says of the loop: "leading", "standby", or why
+        it did not say."""
+        states = []
+        for service in services:
+            try:
+                status, body = await service.request("GET", "/readyz", seconds=10)
+            except (HttpError, TimeoutError, OSError) as error:
+                states.append(type(error).__name__)
+                continue
+            loop = body.get("loop") if isinstance(body, dict) else None
+            states.append(loop if isinstance(loop, str) else f"HTTP {status}")
+        return states
+
+    async def wait_leader(self, services: Sequence[Pool], seconds: float = 60.0) -> int:
+        """The index of the replica running the reconciler loop, once exactly one says so."""
+        states: list[str] = []
+        try:
+            async with asyncio.timeout(seconds):
+                # Another process's state: nothing to wait on but its answers.
+                while True:
+                    states = await self.loop_states(services)
+                    if states.count("leading") == 1:
+                        break
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            raise RuntimeError(
+                f"no one replica led the loop within {seconds:g} s: {states}"
+            ) from None
+        for replica, state in zip(self.result.replicas, states, strict=True):
+            replica.loop_at_start = state
+        return states.index("leading")
+
     # -- phases
 
-    async def sample(self, service: Pool, sim: Pool, pid: int) -> None:
-        """Every `sample_interval` until cancelled: lag, RSS, task counts, simulator backlog."""
+    async def sample(self, service: Pool, sim: Pool) -> None:
+        """Every `sample_interval` until cancelled: lag and task counts from `service` (the
+        leading replica), the replicas' RSS (the largest), the simulator's backlog."""
         while True:
             started = time.monotonic()
             lag = open_tasks = terminal = pending = requests = None
@@ -599,7 +764,12 @@ class Bench:
                         for kind, count in kinds.items()
                         if kind in PROVIDER_KINDS
                     )
-            rss = proc_status(pid).get("VmRSS")
+            rss = None
+            for replica in self.result.replicas:
+                kb = proc_status(replica.pid).get("VmRSS")
+                if kb is not None:
+                    replica.rss_max_mb = max(replica.rss_max_mb, kb / 1024)
+                    rss = max(rss or 0, kb)
             self.result.samples.append(
                 Sample(
                     round(self.elapsed(), 2),
@@ -616,15 +786,17 @@ class Bench:
             spent = time.monotonic() - started
             await asyncio.sleep(max(0.0, self.options.sample_interval - spent))
 
-    async def create_and_register(self, service: Pool, sim: Pool, callback_base: str) -> None:
-        """Create the tasks at the simulator, paced, and register each with the service."""
+    async def create_and_register(self, services: Sequence[Pool], sim: Pool) -> None:
+        """Create the tasks at the simulator, paced, and register task n with replica n
+        (mod N)."""
         o = self.options
-        specs = plan_tasks(o, callback_base)
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        specs = plan_tasks(o, [replica.url for replica in self.result.replicas])
+        queue: asyncio.Queue[tuple[Pool, dict[str, Any]] | None] = asyncio.Queue()
         errors: Counter[str] = Counter()
 
         async def register() -> None:
-            while (task := await queue.get()) is not None:
+            while (item := await queue.get()) is not None:
+                service, task = item
                 body = {
                     "provider": task["provider"],
                     "task_id": task["task_id"],
@@ -650,14 +822,14 @@ class Bench:
             )
             if status != 201:
                 raise RuntimeError(f"the simulator refused the tasks: {status} {created}")
-            for task in created:
+            for n, task in enumerate(created, index):
                 self.truth[task["provider"], task["task_id"]] = Truth(
                     task["final_status"],
                     task["video_url"],
                     epoch(task["created_at"]),
                     epoch(task["finished_at"]),
                 )
-                queue.put_nowait(task)
+                queue.put_nowait((services[n % len(services)], task))
             if index and index % (o.chunk * 40) == 0:
                 self.log(f"created {index + len(created)}, registration queue {queue.qsize()}")
         self.result.created_seconds = time.monotonic() - started
@@ -702,7 +874,7 @@ class Bench:
                 )
         self.log("the timeout came before every task was terminal")
 
-    async def collect(self, service: Pool, sim: Pool) -> None:
+    async def collect(self, service: RoundRobin, sim: Pool) -> None:
         """Every task read back and checked against the truth; poll-settled tasks' events."""
         o, r = self.options, self.result
         seen: dict[tuple[str, str], dict[str, Any]] = {}
@@ -755,6 +927,7 @@ class Bench:
             r.detection_max = max(detection)
             r.detection_over_window = sum(d > o.first_poll_after + 1.0 for d in detection)
         await self.check_schedule(service, polled, seen)
+        await self.check_log(service)
         status, stats = await sim.request("GET", "/_sim/stats")
         r.provider_requests = stats["requests"]
         r.callbacks = stats["callbacks"]
@@ -767,7 +940,10 @@ class Bench:
         r.queries_per_task = queries / max(1, len(self.truth))
 
     async def check_schedule(
-        self, service: Pool, polled: list[tuple[str, str]], seen: dict[tuple[str, str], Any]
+        self,
+        service: RoundRobin,
+        polled: list[tuple[str, str]],
+        seen: dict[tuple[str, str], Any],
     ) -> None:
         """Each poll-settled task's lateness against the due time its events imply, and
         exactly one terminal event per task."""
@@ -804,44 +980,94 @@ class Bench:
             r.schedule_lag_max = max(lateness)
             r.schedule_lag_over_1s = sum(x > TARGET_LAG_SECONDS for x in lateness)
 
+    async def check_log(self, service: RoundRobin) -> None:
+        """The whole event log, page by page: seqs 1, 2, 3, ... without a gap or a repeat."""
+        r = self.result
+        r.log_problem = await self.read_log(service)
+        if r.log_problem:
+            r.wrong.append(r.log_problem)
+
+    async def read_log(self, service: RoundRobin) -> str | None:
+        """Counts the log's events into the result; what is wrong with its seqs, if any."""
+        while True:
+            after = self.result.log_events
+            status, page = await service.request("GET", f"/events?after={after}&limit=1000")
+            if status != 200:
+                return f"GET /events?after={after} answered {status}: {page}"
+            if not page["events"]:
+                return None
+            for event in page["events"]:
+                if event["seq"] != self.result.log_events + 1:
+                    return f"the log goes from seq {self.result.log_events} to {event['seq']}"
+                self.result.log_events = event["seq"]
+
+    def cpu_spent(self, sim_pid: int) -> tuple[float, float]:
+        """CPU time so far of this benchmark's processes, and of the PostgreSQL server among
+        them (0 when it is not on this machine)."""
+        server = server_cpu_seconds(self.postmaster) if self.postmaster else 0.0
+        replicas = sum(cpu_seconds(replica.pid) for replica in self.result.replicas)
+        return replicas + cpu_seconds(sim_pid) + self_cpu_seconds() + server, server
+
     async def run(self) -> Result:
         o, r = self.options, self.result
         deadline = time.monotonic() + o.timeout
         async with contextlib.AsyncExitStack() as stack:
+            database_url = await stack.enter_async_context(self.database())
             sim_url, sim_environ, sim_child = await stack.enter_async_context(self.simulator())
-            service_url, child = await stack.enter_async_context(self.service(sim_environ))
+            for index in range(o.replicas):
+                await stack.enter_async_context(self.service(sim_environ, database_url, index))
+            services = [Pool(replica.url, o.connections) for replica in r.replicas]
+            for service in services:
+                stack.push_async_callback(service.close)
+            leader = await self.wait_leader(services)
             busy_before = machine_busy_seconds()
-            self.log(f"simulator {sim_url}, service {service_url} (pid {child.pid})")
+            own_before, server_before = self.cpu_spent(sim_child.pid)
+            if o.replicas == 1:
+                self.log(
+                    f"simulator {sim_url}, service {r.replicas[0].url} (pid {r.replicas[0].pid})"
+                )
+            else:
+                listing = ", ".join(f"{replica.url} (pid {replica.pid})" for replica in r.replicas)
+                self.log(f"simulator {sim_url}, replicas {listing}; replica {leader} leads")
             sim = Pool(sim_url, 2)
             stack.push_async_callback(sim.close)
-            service = Pool(service_url, o.connections)
-            stack.push_async_callback(service.close)
-            samples = Pool(service_url, 1)
+            samples = Pool(r.replicas[leader].url, 1)
             stack.push_async_callback(samples.close)
             sim_samples = Pool(sim_url, 1)
             stack.push_async_callback(sim_samples.close)
-            sampler = asyncio.create_task(self.sample(samples, sim_samples, child.pid))
+            sampler = asyncio.create_task(self.sample(samples, sim_samples))
             try:
                 async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
-                    await self.create_and_register(service, sim, service_url)
+                    await self.create_and_register(services, sim)
                 await self.wait_settled(deadline)
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
-            # What else ran on the machine meanwhile: busy CPU time not spent by the three
+            # What else ran on the machine meanwhile: busy CPU time not spent by the
             # processes of this benchmark (the figures are only as good as the machine was
-            # quiet).
-            own = cpu_seconds(child.pid) + cpu_seconds(sim_child.pid) + self_cpu_seconds()
-            r.other_cpu_seconds = machine_busy_seconds() - busy_before - own
+            # quiet). Both from the start of the run: the start-up is not in the figures.
+            own, server = self.cpu_spent(sim_child.pid)
+            r.other_cpu_seconds = machine_busy_seconds() - busy_before - (own - own_before)
+            if self.postmaster:
+                r.postgres_cpu_seconds = server - server_before
             r.run_seconds = self.elapsed()
             r.tasks = len(self.truth)
+            # Read from the replicas that still answer: one that died is reported, not read.
+            states = await self.loop_states(services)
+            living = []
+            for service, replica, state in zip(services, r.replicas, states, strict=True):
+                replica.loop_at_end = state
+                if state in ("leading", "standby"):
+                    living.append(service)
             self.log("reading every task back")
             try:
                 async with asyncio.timeout(300):
-                    await self.collect(service, sim)
+                    await self.collect(RoundRobin(living or services), sim)
             except TimeoutError:
                 r.wrong.append("reading the tasks back took over 300 s: figures incomplete")
+        r.hwm_mb = max(replica.hwm_mb for replica in r.replicas)
+        r.service_cpu_seconds = sum(replica.cpu_seconds for replica in r.replicas)
         summarize_samples(r)
         return r
 
@@ -893,10 +1119,16 @@ def report(r: Result, o: Options) -> bool:
         name: {k: v for k, v in kinds.items() if k in PROVIDER_KINDS}
         for name, kinds in r.provider_requests.items()
     }
+    head, figures = replica_lines(r, o)
+    rss_label = "service RSS" if o.replicas == 1 else "RSS, largest replica"
+    server_cpu = ""
+    if o.database == "postgresql":
+        server_cpu = f", PostgreSQL server CPU {fmt(r.postgres_cpu_seconds, ' s', 0)}"
     lines = [
         "",
         f"Reconcile benchmark: {r.tasks} tasks, {o.drop:.0%} of callbacks dropped",
         f"  machine: {r.machine}",
+        *head,
         f"  callbacks: at most {o.callback_concurrency} in flight from the simulator",
         f"  timing: FIRST_POLL_AFTER={o.first_poll_after:g} s, RATE_LIMIT={o.rate_limit:g}/s, "
         f"CONCURRENCY={o.concurrency}, durations {o.min_duration:g}-{o.max_duration:g} s, "
@@ -911,7 +1143,7 @@ def report(r: Result, o: Options) -> bool:
         f"  {'schedule lag per polled task (max / p99)':<44} "
         f"{fmt(r.schedule_lag_max) + ' / ' + fmt(r.schedule_lag_p99):>22}  < 1 s  "
         f"{verdict((r.schedule_lag_max or 0) < 1)} ({r.schedule_lag_over_1s} over)",
-        f"  {'service RSS (sampled max / VmHWM)':<44} "
+        f"  {rss_label + ' (sampled max / VmHWM)':<44} "
         f"{f'{r.rss_max_mb:.0f} MB / {r.hwm_mb:.0f} MB':>22}  < 200 MB  {verdict(rss_ok)}",
         f"  {'provider queries per task':<44} {r.queries_per_task:>22.3f}  < 0.3  "
         f"{verdict(queries_ok)}",
@@ -929,14 +1161,46 @@ def report(r: Result, o: Options) -> bool:
         f"  provider requests: {requests}",
         f"  simulator callbacks: {r.callbacks}",
         f"  tasks the GET /tasks pages skipped (read one by one): {r.listing_missed}",
-        f"  service CPU {r.service_cpu_seconds:.0f} s; other processes on the machine used "
+        f"  service CPU {r.service_cpu_seconds:.0f} s{server_cpu}; "
+        "other processes on the machine used "
         f"{r.other_cpu_seconds:.0f} CPU-s in the {r.run_seconds:.0f} s run "
         f"(1-min load average up to {r.load_max:.1f})",
     ]
+    lines += figures
     for problem in r.wrong[:10]:
         lines.append(f"  wrong: {problem}")
     print("\n".join(lines), flush=True)
     return lag_ok and rss_ok and queries_ok and detected_ok and correct
+
+
+def replica_lines(r: Result, o: Options) -> tuple[list[str], list[str]]:
+    """For a PostgreSQL run, the lines saying how it ran (the database, who led the loop)
+    and those with each replica's figures and the log's; none for SQLite, whose
+    one-process report reads as it always did."""
+    if o.database != "postgresql":
+        return [], []
+
+    def leaders(at: str) -> str:
+        states = [getattr(replica, f"loop_at_{at}") for replica in r.replicas]
+        return ", ".join(str(n) for n, state in enumerate(states) if state == "leading") or "none"
+
+    server = urlsplit(POSTGRES_URL)
+    head = [
+        f"  database: PostgreSQL on {server.hostname}:{server.port or 5432}, a fresh database; "
+        f"{o.replicas} replica{'s' if o.replicas > 1 else ''} of the service; the loop led by "
+        f"replica {leaders('start')} at the start, {leaders('end')} at the end",
+    ]
+    figures = [
+        f"  replica {n} {replica.url} (pid {replica.pid}): RSS {replica.rss_max_mb:.0f} MB "
+        f"sampled max, VmHWM {replica.hwm_mb:.0f} MB, CPU {replica.cpu_seconds:.0f} s; "
+        f"loop {replica.loop_at_start} at the start, {replica.loop_at_end} at the end"
+        for n, replica in enumerate(r.replicas)
+    ]
+    figures.append(
+        f"  log: {r.log_events} events read whole, "
+        + (r.log_problem or f"seqs 1..{r.log_events} without a gap or a repeat")
+    )
+    return head, figures
 
 
 def parse(argv: Sequence[str] | None) -> Options:
@@ -963,6 +1227,18 @@ def parse(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--timeout", type=float, help="bound on the whole run, seconds")
     parser.add_argument("--json", dest="json_path", help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        help="the service's store: a SQLite file (default), or a fresh PostgreSQL database "
+        "on RECONCILER_BENCH_POSTGRES_URL's server, dropped at the end",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        help="`reconciler serve` processes on the one database (default 1; more needs "
+        "--database postgresql)",
+    )
     args = parser.parse_args(argv)
     options = Options.quick() if args.quick else Options()
     for name, value in vars(args).items():
@@ -972,6 +1248,12 @@ def parse(argv: Sequence[str] | None) -> Options:
         parser.error("--tasks, --create-rate and --min-duration must be positive")
     if options.max_duration < options.min_duration:
         parser.error("--max-duration must be at least --min-duration")
+    if options.database == "postgresql" and importlib.util.find_spec("asyncpg") is None:
+        parser.error("--database postgresql needs asyncpg: pip install -e '.[postgres]'")
+    if options.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if options.replicas > 1 and options.database != "postgresql":
+        parser.error("--replicas above 1 needs --database postgresql: SQLite has one process")
     return options
 
 
