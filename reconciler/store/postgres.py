@@ -99,11 +99,9 @@ PRUNE_LOCK = 0x5245_434F_4E00_0003  # transaction-scoped: one prune batch at a t
 READERS = 8  # pooled connections for reads, per replica
 WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
 RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start
-SESSION = {
-    # A writer never waits long for a lock, and never sits in an open transaction.
-    "lock_timeout": "10s",
-    "idle_in_transaction_session_timeout": "60s",
-}
+LOCK_TIMEOUT_SECONDS = 10.0  # a writer never waits longer for a row or advisory lock
+# ...and never sits in an open transaction.
+IDLE_IN_TRANSACTION = "60s"
 
 _LOCK = "SELECT count(pg_advisory_xact_lock(key)) FROM unnest($1::bigint[]) AS key"
 _DUPLICATES = """
@@ -413,11 +411,13 @@ class PostgresStore(Batched):
         on_commit: Callable[[Commit], None] | None = None,
         readers: int = READERS,
         watchdog_seconds: float = WATCHDOG_SECONDS,
+        lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
     ) -> None:
         self.url = url
         self._on_commit = on_commit
         self._readers = readers
         self.watchdog_seconds = watchdog_seconds
+        self.lock_timeout_seconds = lock_timeout_seconds
         self._pool: asyncpg.Pool | None = None
         self._writer_conn: asyncpg.Connection | None = None
         self._writer = Writer(self._run)
@@ -436,7 +436,7 @@ class PostgresStore(Batched):
             raise StoreError("this store was already opened")
         self._opened = True
         try:
-            setup = await self._connect("migrate")
+            setup = await self._connect("migrate", waits=True)
             try:
                 await migrate(setup)
             finally:
@@ -445,7 +445,7 @@ class PostgresStore(Batched):
                 self.url,
                 min_size=1,
                 max_size=self._readers,
-                server_settings=SESSION | {"application_name": "reconciler-reader"},
+                server_settings=self._session("reader"),
             )
         except BaseException:
             await self._close_connections()
@@ -478,9 +478,20 @@ class PostgresStore(Batched):
             with contextlib.suppress(Exception):
                 await pool.close()
 
-    async def _connect(self, role: str) -> asyncpg.Connection:
-        """A connection of its own, named for `role` in pg_stat_activity."""
-        settings = SESSION | {"application_name": f"reconciler-{role}"}
+    def _session(self, role: str, *, waits: bool = False) -> dict[str, str]:
+        """Session settings for a connection named for `role` in pg_stat_activity. One that
+        `waits` is there to wait for a session lock (the loop's, migrations'): for as long
+        as another replica holds it, not `lock_timeout`."""
+        timeout = 0 if waits else round(self.lock_timeout_seconds * 1000)
+        return {
+            "application_name": f"reconciler-{role}",
+            "lock_timeout": f"{timeout}ms",
+            "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION,
+        }
+
+    async def _connect(self, role: str, *, waits: bool = False) -> asyncpg.Connection:
+        """A connection of its own (see `_session`)."""
+        settings = self._session(role, waits=waits)
         try:
             conn: asyncpg.Connection = await asyncpg.connect(self.url, server_settings=settings)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
@@ -626,7 +637,7 @@ class PostgresStore(Batched):
         """Wait until this replica holds the loop's lock; yield an Event that is set if the
         lock may have been lost (its connection dropped or stopped answering). Leaving
         releases it, so another replica takes over at once."""
-        conn = await self._connect("leader")
+        conn = await self._connect("leader", waits=True)
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _: lost.set())
         watching: asyncio.Task[None] | None = None

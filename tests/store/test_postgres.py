@@ -217,6 +217,21 @@ async def test_one_replica_leads_and_another_takes_over(url: str) -> None:
             await waiting
 
 
+async def test_a_standby_waits_for_the_loop_longer_than_a_lock_timeout(url: str) -> None:
+    """Writers give up on a lock after `lock_timeout`; a replica waiting to lead the loop
+    must not: it waits as long as the leader lives (here 5 lock timeouts)."""
+    async with (
+        PostgresStore(url, lock_timeout_seconds=0.1) as a,
+        PostgresStore(url, lock_timeout_seconds=0.1) as b,
+    ):
+        async with a.leadership():
+            waiting = asyncio.create_task(_lead(b))
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)
+            assert not done, waiting.exception() if done else None
+        async with asyncio.timeout(10):
+            await waiting
+
+
 async def _lead(store: PostgresStore) -> None:
     async with store.leadership():
         pass
