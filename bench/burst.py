@@ -245,14 +245,15 @@ async def run(o: Options, workdir: Path) -> int:
 
     missing = o.tasks - len(lags)
     if o.json_path:
-        Path(o.json_path).write_text(
+        await asyncio.to_thread(
+            Path(o.json_path).write_text,
             json.dumps(
                 {
                     "due": {t: c.timestamp() + o.first_poll_after for t, c in due.items()},
                     "first_asked": {t: a.timestamp() for t, a in first_asked.items()},
                     "requests": timeline,
                 }
-            )
+            ),
         )
     pinning = f"service on CPU {SERVICE_CPU}" if o.pin else "no CPU pinning"
     print(
