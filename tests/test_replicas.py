@@ -223,6 +223,11 @@ async def test_three_replicas_one_killed_every_task_right_one_log(postgres_url: 
         polled = [e for e in events if e["source"] == "poll" and e["status"] != "processing"]
         assert polled, "no task was settled by a poll"
 
+        # SIGTERM: each survivor drains its writers, hands its leases back and exits cleanly.
+        for replica in living:
+            await replica.stop()
+            assert replica.process.returncode == 0, "".join(replica.lines[-40:])
+
 
 async def _first_to_lead(replicas: list[Process]) -> Process:
     waits = {asyncio.create_task(replica.line(LEADING)): replica for replica in replicas}

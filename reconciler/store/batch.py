@@ -485,24 +485,34 @@ def fail(ops: Sequence[Op], error: Exception) -> None:
 
 
 class Writer:
-    """One task draining queued operations in batches of at most `max_batch`, one batch at
-    a time through `run` (which commits and settles them). `close()` drains what is queued
+    """`lanes` tasks draining queued operations in batches of at most `max_batch`, each lane
+    one batch at a time through `run(ops, lane)` (which commits and settles them). One lane
+    where one connection owns the database (SQLite); several where a batch waits mostly on
+    the database's round trips and several transactions may run at once (PostgreSQL, whose
+    locks order them as they order several replicas). `close()` drains what is queued
     before it returns."""
 
     def __init__(
-        self, run: Callable[[list[Op]], Awaitable[None]], max_batch: int = MAX_BATCH
+        self,
+        run: Callable[[list[Op], int], Awaitable[None]],
+        max_batch: int = MAX_BATCH,
+        lanes: int = 1,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
+        self.lanes = lanes
         self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
     def start(self, name: str) -> None:
-        self._task = asyncio.create_task(self._loop(), name=name)
+        self._tasks = [
+            asyncio.create_task(self._loop(lane), name=f"{name}-{lane}")
+            for lane in range(self.lanes)
+        ]
 
     async def submit(self, op: Op) -> Any:
-        if self._closing or self._task is None:
+        if self._closing or not self._tasks:
             raise StoreError("the store is closed")
         self._queue.put_nowait(op)
         return await op.future
@@ -511,11 +521,11 @@ class Writer:
         if self._closing:
             return
         self._closing = True
-        if self._task is not None:
-            self._queue.put_nowait(None)  # drain what is queued, then stop
-            await self._task
+        for _ in self._tasks:
+            self._queue.put_nowait(None)  # each lane drains what is queued, then stops
+        await asyncio.gather(*self._tasks)
 
-    async def _loop(self) -> None:
+    async def _loop(self, lane: int) -> None:
         stopping = False
         while not stopping:
             first = await self._queue.get()
@@ -524,14 +534,15 @@ class Writer:
                 stopping = True
             else:
                 ops.append(first)
-            while len(ops) < self.max_batch and not self._queue.empty():
+            # Each lane takes exactly one of close()'s stop marks, so every lane stops.
+            while not stopping and len(ops) < self.max_batch and not self._queue.empty():
                 op = self._queue.get_nowait()
                 if op is None:
                     stopping = True
                 else:
                     ops.append(op)
             if ops:
-                await self._run(ops)
+                await self._run(ops, lane)
 
 
 class Batched:

@@ -1,9 +1,10 @@
 """The PostgreSQL backend: several replicas on one database behave as one Reconciler
 (SPEC §4 "Several replicas on PostgreSQL").
 
-Each replica keeps its own group commit: one writer connection runs each batch of queued
-operations as one transaction through `batch.write_batch`, whose statements this module
-runs. What makes N replicas agree:
+Each replica keeps its own group commit: a few writer connections (`WRITERS`) each run a
+batch of queued operations as one transaction through `batch.write_batch`, whose
+statements this module runs; the same locks that order several replicas order them. What
+makes N replicas agree:
 
 - **Locks, always in one order.** A batch first takes transaction-scoped advisory locks on
   every body it stores and every task it may write (hashed keys, sorted), then loads those
@@ -97,6 +98,10 @@ MIGRATION_LOCK = 0x5245_434F_4E00_0001
 LEADER_LOCK = 0x5245_434F_4E00_0002
 PRUNE_LOCK = 0x5245_434F_4E00_0003  # transaction-scoped: one prune batch at a time
 READERS = 8  # pooled connections for reads, per replica
+# Write transactions a replica runs at once, each on a connection of its own. A batch spends
+# most of its time waiting on round trips and the commit's flush, not on this process's
+# CPU: with one, a replica took 1,346 webhooks/s using 0.40 of a core (bench/replicas.py).
+WRITERS = 4
 WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
 RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start
 LOCK_TIMEOUT_SECONDS = 10.0  # a writer never waits longer for a row or advisory lock
@@ -412,6 +417,7 @@ class PostgresStore(Batched):
         readers: int = READERS,
         watchdog_seconds: float = WATCHDOG_SECONDS,
         lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+        writers: int = WRITERS,
     ) -> None:
         self.url = url
         self._on_commit = on_commit
@@ -419,8 +425,8 @@ class PostgresStore(Batched):
         self.watchdog_seconds = watchdog_seconds
         self.lock_timeout_seconds = lock_timeout_seconds
         self._pool: asyncpg.Pool | None = None
-        self._writer_conn: asyncpg.Connection | None = None
-        self._writer = Writer(self._run)
+        self._writer_conns: dict[int, asyncpg.Connection] = {}  # per writer lane
+        self._writer = Writer(self._run, lanes=writers)
         self._leased = Leased()
         self._listening: asyncio.Task[None] | None = None
         self._opened = False
@@ -469,8 +475,8 @@ class PostgresStore(Batched):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        if self._writer_conn is not None:
-            conn, self._writer_conn = self._writer_conn, None
+        conns, self._writer_conns = self._writer_conns, {}
+        for conn in conns.values():
             with contextlib.suppress(Exception):
                 await conn.close()
         if self._pool is not None:
@@ -547,12 +553,12 @@ class PostgresStore(Batched):
         await self._writer.submit(Probe(datetime.now(UTC)))
         self._write_failure = None
 
-    async def _run(self, ops: list[Op]) -> None:
-        """One batch as one transaction; run again from the start (the decisions are pure)
-        when PostgreSQL broke a deadlock or a lock wait timed out."""
+    async def _run(self, ops: list[Op], lane: int = 0) -> None:
+        """One batch as one transaction on the lane's connection; run again from the start
+        (the decisions are pure) when PostgreSQL broke a deadlock or a lock wait timed out."""
         for attempt in range(1, RETRIES + 1):
             try:
-                conn = await self._writer_connection()
+                conn = await self._writer_connection(lane)
                 async with conn.transaction():
                     results, commit = await write_batch(_Transaction(conn, self._leased), ops)
                 break
@@ -568,7 +574,7 @@ class PostgresStore(Batched):
                 # its write was committed; the next batch starts on a new connection.
                 logger.error("write transaction of %d operations failed: %r", len(ops), error)
                 self._write_failure = _failure(error)
-                await self._drop_writer()
+                await self._drop_writer(lane)
                 fail(ops, StoreError(f"write failed ({type(error).__name__})"))
                 return
         if commit is not None:  # it wrote rows: the store can commit again
@@ -578,14 +584,15 @@ class PostgresStore(Batched):
             self._on_commit(commit)
         settle(ops, results)
 
-    async def _writer_connection(self) -> asyncpg.Connection:
-        if self._writer_conn is None or self._writer_conn.is_closed():
-            self._writer_conn = await self._connect("writer")
-        return self._writer_conn
+    async def _writer_connection(self, lane: int) -> asyncpg.Connection:
+        conn = self._writer_conns.get(lane)
+        if conn is None or conn.is_closed():
+            conn = self._writer_conns[lane] = await self._connect("writer")
+        return conn
 
-    async def _drop_writer(self) -> None:
+    async def _drop_writer(self, lane: int) -> None:
         """After an error that may have broken the connection: the next batch reconnects."""
-        conn, self._writer_conn = self._writer_conn, None
+        conn = self._writer_conns.pop(lane, None)
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)

@@ -479,7 +479,7 @@ class SQLiteStore(Batched):
         database file cannot, so the WAL cannot start over)."""
         await self._writer.submit(Probe(datetime.now(UTC)))
 
-    async def _run(self, ops: list[Op]) -> None:
+    async def _run(self, ops: list[Op], lane: int = 0) -> None:
         """One batch: commit it, resolve its callers, and checkpoint every few commits."""
         db = self._db
         assert db is not None

@@ -1,0 +1,54 @@
+"""The writer's lanes: batches run side by side, and close() drains and stops every lane."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from reconciler.store.batch import Op, Probe, Writer, settle
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def test_lanes_run_batches_at_once_and_all_stop_on_close() -> None:
+    running: set[int] = set()
+    together = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def run(ops: list[Op], lane: int) -> None:
+        running.add(lane)
+        if len(running) == 3:
+            together.set()
+        await release.wait()
+        seen.extend(lane for _ in ops)
+        settle(ops, [None] * len(ops))
+
+    writer = Writer(run, max_batch=1, lanes=3)
+    writer.start("test-writer")
+    submitted = [asyncio.create_task(writer.submit(Probe(NOW))) for _ in range(7)]
+    async with asyncio.timeout(5):
+        await together.wait()  # three batches in flight on three lanes
+    release.set()
+    async with asyncio.timeout(5):
+        await writer.close()  # every lane takes one stop mark: none waits forever
+        await asyncio.gather(*submitted)
+    assert len(seen) == 7
+    assert set(seen) == {0, 1, 2}
+
+
+async def test_close_drains_what_is_queued_with_one_lane() -> None:
+    batches: list[int] = []
+
+    async def run(ops: list[Op], lane: int) -> None:
+        batches.append(len(ops))
+        settle(ops, [lane] * len(ops))
+
+    writer = Writer(run, max_batch=4, lanes=1)
+    writer.start("test-writer")
+    submitted = [asyncio.create_task(writer.submit(Probe(NOW))) for _ in range(10)]
+    await asyncio.sleep(0)  # let every submit queue its operation
+    async with asyncio.timeout(5):
+        await writer.close()
+        assert await asyncio.gather(*submitted) == [0] * 10
+    assert batches == [4, 4, 2]
