@@ -21,7 +21,6 @@ import pwd
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import httpx
 import pytest
 
 from tests import postgres
+from tests.serve import serve
 
 TOKEN = "full-disk-token"
 TIMEOUT = 60
@@ -158,33 +158,11 @@ async def backend(server: postgres.Server | None) -> AsyncIterator[Backend]:
             await admin.close()
 
 
-@contextlib.asynccontextmanager
-async def serve(database_url: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "PORT"))}
-    env |= {
-        "RECONCILER_DATABASE_URL": database_url,
-        "RECONCILER_PORT": "0",
-        "RECONCILER_CALLBACK_TOKEN": TOKEN,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reconciler",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,  # a full disk is logged at length, by design
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(TIMEOUT):
-            line = (await process.stdout.readline()).decode()
-        assert "listening on http://127.0.0.1:" in line, line
-        yield process, line.rsplit(" ", 1)[1].strip()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+def serving(
+    database_url: str,
+) -> contextlib.AbstractAsyncContextManager[tuple[asyncio.subprocess.Process, str]]:
+    settings = {"RECONCILER_DATABASE_URL": database_url, "RECONCILER_CALLBACK_TOKEN": TOKEN}
+    return serve(settings, stderr=asyncio.subprocess.DEVNULL)  # a full disk is logged at length
 
 
 async def test_a_full_disk_loses_nothing_and_the_service_recovers(backend: Backend) -> None:
@@ -203,7 +181,7 @@ async def test_a_full_disk_loses_nothing_and_the_service_recovers(backend: Backe
             refused.append(number)
         return response.status_code
 
-    async with serve(backend.url) as (process, url):
+    async with serving(backend.url) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
             for number in range(20):
                 assert await send(client, number) == 200

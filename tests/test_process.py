@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-TIMEOUT = 60
+from tests.serve import TIMEOUT, clean_environ, serve
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,12 +23,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env={**_clean_env(), **(env or {})},
+        env={**clean_environ(), **(env or {})},
     )
-
-
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("RECONCILER_", "PORT"))}
 
 
 def test_migrate_creates_the_database_then_changes_nothing(tmp_path: Path) -> None:
@@ -73,31 +68,12 @@ def test_callback_url_needs_the_public_url() -> None:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {
-        **_clean_env(),
+    settings = {
         "RECONCILER_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
-        "RECONCILER_PORT": "0",
         "RECONCILER_CALLBACK_TOKEN": "tok-secret-1",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "reconciler",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(TIMEOUT):
-            line = (await process.stdout.readline()).decode()
-        assert "listening on http://127.0.0.1:" in line, line
-        yield process, line.rsplit(" ", 1)[1].strip()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+    async with serve(settings) as served:
+        yield served
 
 
 async def test_serve_answers_then_stops_cleanly_on_sigterm(
@@ -134,7 +110,7 @@ async def test_track_and_tail_talk_to_the_server(
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
-            env=_clean_env(),
+            env=clean_environ(),
         )
 
     tracked = await asyncio.to_thread(cli, "track", "acedata", "a-1", "--action", "text2video")
@@ -147,7 +123,7 @@ async def test_track_and_tail_talk_to_the_server(
 
 
 async def test_demo_runs_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {**_clean_env(), "RECONCILER_PORT": "0"}
+    env = {**clean_environ(), "RECONCILER_PORT": "0"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -198,7 +174,7 @@ async def test_tail_follow_reads_the_stream(
         "--follow",
         "--url",
         url,
-        env=_clean_env(),
+        env=clean_environ(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
