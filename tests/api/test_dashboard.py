@@ -22,7 +22,11 @@ from typing import Any
 import pytest
 import websockets
 
+from reconciler.api.stream import Streams, close_streams
+from reconciler.clock import FakeClock
+from reconciler.retention import Retention
 from tests.api.live import Live, kling_callback, live_service
+from tests.conftest import StartService
 
 TOKEN = "dash-token-Qx19"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -243,6 +247,68 @@ async def test_row_turns_completed_live_when_the_callback_arrives(tmp_path: Path
         await browser.until(page, f"{status_of('kling/t1')} === 'completed'")
         SCREENSHOT.write_bytes(await browser.screenshot(page))  # noqa: ASYNC240 (a test)
         assert browser.problems == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+async def test_a_page_whose_next_events_were_pruned_starts_over(
+    tmp_path: Path, start_service: StartService
+) -> None:
+    """The stream resumes after the last event the page saw. When retention pruned the events
+    after it while the page was cut off, the server refuses that resume (410
+    cursor_expired): the page starts over from what is true now, without a reload, instead
+    of asking again for what is gone."""
+    clock = FakeClock()
+    live = await start_service(env={"RECONCILER_API_TOKEN": TOKEN}, clock=clock)
+    await live.service.register("kling", "t1")
+    async with Browser.launch(tmp_path / "profile") as browser:
+        page = await browser.open(f"{live.url}/?access_token={TOKEN}")
+        await browser.until(page, f"{status_of('kling/t1')} === 'submitted'")
+        await browser.until(page, "document.getElementById('connection').textContent === 'live'")
+        await browser.evaluate(page, "window.notReloaded = true")
+
+        # Cut the page off, then let its next events happen and be pruned.
+        await browser.send("Network.enable", page)
+        await browser.send(
+            "Network.emulateNetworkConditions",
+            page,
+            offline=True,
+            latency=0,
+            downloadThroughput=-1,
+            uploadThroughput=-1,
+        )
+        close_streams(live.app)  # ends the page's stream; the server takes new ones after it
+        live.app.state.streams = Streams()
+        await browser.until(page, "document.getElementById('connection').textContent !== 'live'")
+        response = await live.client.post("/callbacks/kling", content=kling_callback("t1"))
+        assert response.status_code == 200
+        await live.service.register("kling", "t2")
+        clock.advance(31 * 86400)  # past the events' 30 days
+        await Retention(live.service, pause_seconds=0).prune_once()
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        head = (await live.client.get("/stats", headers=bearer)).json()["last_seq"]
+        expired = await live.client.get("/events", params={"after": 1}, headers=bearer)
+        assert expired.status_code == 410, expired.text
+
+        await browser.send(
+            "Network.emulateNetworkConditions",
+            page,
+            offline=False,
+            latency=0,
+            downloadThroughput=-1,
+            uploadThroughput=-1,
+        )
+        await browser.until(page, f"{status_of('kling/t1')} === 'completed'", seconds=30)
+        await browser.until(page, f"{status_of('kling/t2')} === 'submitted'")
+        await browser.until(page, "document.getElementById('connection').textContent === 'live'")
+        assert await browser.evaluate(page, "window.notReloaded") is True
+        assert await browser.evaluate(page, "document.getElementById('last-seq').textContent") == (
+            f"#{head}"
+        )
+
+        # Live again from the new head: the next change arrives as an event.
+        response = await live.client.post("/callbacks/kling", content=kling_callback("t2"))
+        assert response.status_code == 200
+        await browser.until(page, f"{status_of('kling/t2')} === 'completed'")
 
 
 async def seed(live: Live) -> None:

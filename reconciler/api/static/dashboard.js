@@ -295,9 +295,9 @@
     source.onopen = () => setConnection("live", "live");
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
-        // The browser gave up (e.g. 401): start over later from the last event seen.
+        // The server refused the stream (e.g. 401, or 410 below): the browser gave up.
         setConnection("down", "disconnected");
-        setTimeout(() => { if (state.stream === source) connect(); }, 5000);
+        recover(source);
       } else {
         setConnection("wait", "reconnecting…"); // EventSource resumes with Last-Event-ID
       }
@@ -310,6 +310,26 @@
         if (upsert(event.task)) renderSoon();
         statsSoon();
       });
+    }
+  }
+
+  // A refused stream: when the events after the last one seen were pruned (410
+  // cursor_expired), the page can't be brought up to date event by event, so it starts over
+  // from what is true now, as at start-up. Otherwise it tries again later from that event.
+  async function recover(source) {
+    let expired = false;
+    try {
+      const headers = token ? { Authorization: "Bearer " + token } : {};
+      const url = "/events?limit=1&after=" + state.lastSeq;
+      expired = (await fetch(url, { headers, cache: "no-store" })).status === 410;
+    } catch (_) { /* unreachable: try again later */ }
+    if (state.stream !== source) return;
+    if (expired) {
+      clearTasks();
+      render();
+      await begin();
+    } else {
+      setTimeout(() => { if (state.stream === source) connect(); }, 5000);
     }
   }
 
@@ -432,23 +452,22 @@
     state.filter.provider = $("f-provider").value;
     syncUrl();
     // The server filters pages; start over so that the shown list is complete.
+    clearTasks();
+    render();
+    loadTasks(false).catch((error) => setConnection("down", error.message));
+  }
+
+  function clearTasks() {
     state.generation += 1;
     state.tasks.clear();
     state.rows.clear();
     state.details.clear();
     state.cursor = null;
-    render();
-    loadTasks(false).catch((error) => setConnection("down", error.message));
   }
 
-  async function start() {
-    $("f-status").value = state.filter.status;
-    $("f-status").addEventListener("change", onFilter);
-    $("f-provider").addEventListener("change", onFilter);
-    $("f-text").addEventListener("input", () => { state.filter.text = $("f-text").value.trim(); render(); });
-    $("more").addEventListener("click", () => loadTasks(true).catch((error) => setConnection("down", error.message)));
-    // The log head first, then the tasks, then the stream after that head: whatever changes
-    // in between arrives again through the stream, and `upsert` keeps the newest version.
+  // The log head first, then the tasks, then the stream after that head: whatever changes
+  // in between arrives again through the stream, and `upsert` keeps the newest version.
+  async function begin() {
     const stats = await loadStats();
     if (stats) state.lastSeq = stats.last_seq;
     try {
@@ -457,6 +476,15 @@
       setConnection("down", error.message);
     }
     connect();
+  }
+
+  async function start() {
+    $("f-status").value = state.filter.status;
+    $("f-status").addEventListener("change", onFilter);
+    $("f-provider").addEventListener("change", onFilter);
+    $("f-text").addEventListener("input", () => { state.filter.text = $("f-text").value.trim(); render(); });
+    $("more").addEventListener("click", () => loadTasks(true).catch((error) => setConnection("down", error.message)));
+    await begin();
     setInterval(loadStats, 5000);
     setInterval(refreshAges, 5000);
   }
