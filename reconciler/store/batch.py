@@ -487,21 +487,27 @@ def fail(ops: Sequence[Op], error: Exception) -> None:
 class Writer:
     """`lanes` tasks draining queued operations in batches of at most `max_batch`, each lane
     one batch at a time through `run(ops, lane)` (which commits and settles them). One lane
-    where one connection owns the database (SQLite); several where a batch waits mostly on
+    where one connection owns the database (SQLite). Several where a batch waits mostly on
     the database's round trips and several transactions may run at once (PostgreSQL, whose
-    locks order them as they order several replicas). `close()` drains what is queued
-    before it returns."""
+    locks order them as they order several replicas); the first lane takes whatever is
+    queued, and each further lane starts a batch only when `spill` operations wait, so that
+    a light load still commits in groups (a transaction's fixed cost is most of a small
+    one's) and only a backlog is worth a transaction of its own. `close()` drains what is
+    queued before it returns."""
 
     def __init__(
         self,
         run: Callable[[list[Op], int], Awaitable[None]],
         max_batch: int = MAX_BATCH,
         lanes: int = 1,
+        spill: int = 16,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.lanes = lanes
+        self.spill = spill
         self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
+        self._backlog = asyncio.Event()  # set when `spill` operations wait, or at close
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -515,6 +521,8 @@ class Writer:
         if self._closing or not self._tasks:
             raise StoreError("the store is closed")
         self._queue.put_nowait(op)
+        if self._queue.qsize() >= self.spill:
+            self._backlog.set()
         return await op.future
 
     async def close(self) -> None:
@@ -523,12 +531,15 @@ class Writer:
         self._closing = True
         for _ in self._tasks:
             self._queue.put_nowait(None)  # each lane drains what is queued, then stops
+        self._backlog.set()
         await asyncio.gather(*self._tasks)
 
     async def _loop(self, lane: int) -> None:
         stopping = False
         while not stopping:
-            first = await self._queue.get()
+            if lane > 0:
+                await self._spilled()
+            first = await self._queue.get()  # at once after a spill: nothing yields between
             ops: list[Op] = []
             if first is None:
                 stopping = True
@@ -543,6 +554,12 @@ class Writer:
                     ops.append(op)
             if ops:
                 await self._run(ops, lane)
+
+    async def _spilled(self) -> None:
+        """Until `spill` operations wait (or the writer closes)."""
+        while not self._closing and self._queue.qsize() < self.spill:
+            self._backlog.clear()
+            await self._backlog.wait()
 
 
 class Batched:

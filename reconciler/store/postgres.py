@@ -1,10 +1,10 @@
 """The PostgreSQL backend: several replicas on one database behave as one Reconciler
 (SPEC §4 "Several replicas on PostgreSQL").
 
-Each replica keeps its own group commit: a few writer connections (`WRITERS`) each run a
-batch of queued operations as one transaction through `batch.write_batch`, whose
-statements this module runs; the same locks that order several replicas order them. What
-makes N replicas agree:
+Each replica keeps its own group commit: up to `WRITERS` writer connections (further ones
+only for a backlog) each run a batch of queued operations as one transaction through
+`batch.write_batch`, whose statements this module runs; the same locks that order several
+replicas order them. What makes N replicas agree:
 
 - **Locks, always in one order.** A batch first takes transaction-scoped advisory locks on
   every body it stores and every task it may write (hashed keys, sorted), then loads those
@@ -101,6 +101,9 @@ READERS = 8  # pooled connections for reads, per replica
 # Write transactions a replica runs at once, each on a connection of its own. A batch spends
 # most of its time waiting on round trips and the commit's flush, not on this process's
 # CPU: with one, a replica took 1,346 webhooks/s using 0.40 of a core (bench/replicas.py).
+# A further one starts only when a backlog waits (`batch.Writer`'s spill): four that each
+# took whatever arrived made transactions of one operation under a paced load, and the
+# 2-replica reconcile run used twice the CPU (bench/reconcile.py; docs/benchmarks.md).
 WRITERS = 4
 WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
 RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start

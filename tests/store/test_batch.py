@@ -1,4 +1,5 @@
-"""The writer's lanes: batches run side by side, and close() drains and stops every lane."""
+"""The writer's lanes: batches run side by side when a backlog waits, light loads commit in
+groups on one lane, and close() drains and stops every lane."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ async def test_lanes_run_batches_at_once_and_all_stop_on_close() -> None:
         seen.extend(lane for _ in ops)
         settle(ops, [None] * len(ops))
 
-    writer = Writer(run, max_batch=1, lanes=3)
+    writer = Writer(run, max_batch=1, lanes=3, spill=1)
     writer.start("test-writer")
     submitted = [asyncio.create_task(writer.submit(Probe(NOW))) for _ in range(7)]
     async with asyncio.timeout(5):
@@ -52,3 +53,33 @@ async def test_close_drains_what_is_queued_with_one_lane() -> None:
         await writer.close()
         assert await asyncio.gather(*submitted) == [0] * 10
     assert batches == [4, 4, 2]
+
+
+async def test_a_further_lane_starts_only_when_a_backlog_waits() -> None:
+    batches: list[tuple[int, int]] = []
+    started = {0: asyncio.Event(), 1: asyncio.Event()}
+    release = asyncio.Event()
+
+    async def run(ops: list[Op], lane: int) -> None:
+        batches.append((lane, len(ops)))
+        started[lane].set()
+        await release.wait()
+        settle(ops, [None] * len(ops))
+
+    writer = Writer(run, lanes=2, spill=3)
+    writer.start("test-writer")
+    submitted = [asyncio.create_task(writer.submit(Probe(NOW)))]
+    async with asyncio.timeout(5):
+        await started[0].wait()  # the first lane commits the first operation alone
+    submitted += [asyncio.create_task(writer.submit(Probe(NOW))) for _ in range(2)]
+    for _ in range(10):  # turns of the event loop, not time: two waiting start nothing
+        await asyncio.sleep(0)
+    assert batches == [(0, 1)]
+    submitted.append(asyncio.create_task(writer.submit(Probe(NOW))))
+    async with asyncio.timeout(5):
+        await started[1].wait()  # three waiting: the second lane takes them as one batch
+    assert batches == [(0, 1), (1, 3)]
+    release.set()
+    async with asyncio.timeout(5):
+        await writer.close()
+        await asyncio.gather(*submitted)
