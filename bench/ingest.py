@@ -384,11 +384,13 @@ class CpuMeter:
         return CpuShare(server / wall, load / wall, max(0.0, busy - server - load) / wall)
 
 
-def run_wrk(url: str, script: Path, seconds: int, options: Options, server_pid: int) -> WrkResult:
-    argv = [
+def wrk_argv(url: str, script: Path, seconds: int, threads: int, connections: int) -> list[str]:
+    """wrk posting the Lua script's callbacks to `url`'s Kling endpoint, with a random run
+    number (the script makes task ids unique with it)."""
+    return [
         "wrk",
-        f"-t{options.threads}",
-        f"-c{options.connections}",
+        f"-t{threads}",
+        f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
         "--timeout",
@@ -399,6 +401,19 @@ def run_wrk(url: str, script: Path, seconds: int, options: Options, server_pid: 
         "--",
         str(random.randrange(1_000_000, 10_000_000)),
     ]
+
+
+def wrk_summary(stdout: str, stderr: str = "") -> dict[str, Any]:
+    """The figures the Lua script's `done()` printed as one `WRK_JSON` line."""
+    line = next((x for x in stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary:\n{stdout}\n{stderr}")
+    data: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+    return data
+
+
+def run_wrk(url: str, script: Path, seconds: int, options: Options, server_pid: int) -> WrkResult:
+    argv = wrk_argv(url, script, seconds, options.threads, options.connections)
     with CpuMeter(server_pid) as meter:
         done = subprocess.run(
             pinned(LOAD_CPU, argv, options.pin),
@@ -407,10 +422,7 @@ def run_wrk(url: str, script: Path, seconds: int, options: Options, server_pid: 
             timeout=seconds + RUN_GRACE_SECONDS,
             check=True,
         )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
-    if line is None:
-        raise SystemExit(f"wrk printed no summary:\n{done.stdout}\n{done.stderr}")
-    data = json.loads(line.removeprefix("WRK_JSON "))
+    data = wrk_summary(done.stdout, done.stderr)
     errors = data["connect"] + data["read"] + data["write"] + data["timeout"]
     return WrkResult(
         requests=data["requests"],

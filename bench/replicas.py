@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -123,20 +122,7 @@ def load(servers: list[ingest.Server], script: Path, seconds: int, options: inge
         subprocess.Popen(
             ingest.pinned(
                 ingest.LOAD_CPU,
-                [
-                    "wrk",
-                    f"-t{threads}",
-                    f"-c{per}",
-                    f"-d{seconds}s",
-                    "--latency",
-                    "--timeout",
-                    "5s",
-                    "-s",
-                    str(script),
-                    f"{server.url}/callbacks/kling?token={ingest.TOKEN}",
-                    "--",
-                    str(ingest.random.randrange(1_000_000, 10_000_000)),
-                ],
+                ingest.wrk_argv(server.url, script, seconds, threads, per),
                 options.pin,
             ),
             stdout=subprocess.PIPE,
@@ -148,12 +134,7 @@ def load(servers: list[ingest.Server], script: Path, seconds: int, options: inge
     outputs = [run.communicate(timeout=seconds + ingest.RUN_GRACE_SECONDS)[0] for run in runs]
     for meter in meters:
         meter.__exit__()
-    data = []
-    for output in outputs:
-        line = next((x for x in output.splitlines() if x.startswith("WRK_JSON ")), None)
-        if line is None:
-            raise SystemExit(f"wrk printed no summary:\n{output}")
-        data.append(json.loads(line.removeprefix("WRK_JSON ")))
+    data = [ingest.wrk_summary(output) for output in outputs]
     shares = [meter.share() for meter in meters]
     return {
         "rate": sum(d["requests"] / (d["duration_us"] / 1e6) for d in data),

@@ -319,27 +319,27 @@ def prune(env_file: str | None, dry_run: bool) -> None:
     except ConfigError as error:
         fail(str(error))
 
-    async def run() -> dict[str, int]:
+    async def run() -> list[tuple[str, int, bool]]:
+        """Per kind: its name, the rows removed (or removable), and whether it is kept forever."""
         from reconciler.retention import Retention
         from reconciler.runtime import open_runtime
 
         async with open_runtime(settings) as runtime:
-            retention = Retention(runtime.service)
+            service = runtime.service
+            retention = Retention(service)
             counts = await (retention.prunable() if dry_run else retention.prune_once())
-            return {kind.value: count for kind, count in counts.items()}
+            return [
+                (kind.value, count, service.retention_cutoff(kind) is None)
+                for kind, count in counts.items()
+            ]
 
     try:
         counts = asyncio.run(run())
     except ReconcilerError as error:
         fail(str(error), 1)
-    kept = {
-        "events": settings.retain_events,
-        "deliveries": settings.retain_deliveries,
-        "tasks": settings.retain_tasks,
-    }
     verb = "would remove" if dry_run else "removed"
-    for kind, count in counts.items():
-        note = " (kept forever)" if kept[kind] == 0 else ""
+    for kind, count, forever in counts:
+        note = " (kept forever)" if forever else ""
         click.echo(f"{kind}: {verb} {count}{note}")
 
 

@@ -101,19 +101,20 @@ class Metrics:
 
     def delivered(self, provider: str, outcome: str) -> None:
         """Count one webhook delivery."""
-        key = (provider, outcome)
-        child = self._delivered.get(key)
-        if child is None:
-            child = self._delivered[key] = self.deliveries.labels(provider, outcome)
-        child.inc()
+        _child(self._delivered, self.deliveries, provider, outcome).inc()
 
     def polled(self, provider: str, outcome: str) -> None:
         """Count one task's poll result."""
-        key = (provider, outcome)
-        child = self._polled.get(key)
-        if child is None:
-            child = self._polled[key] = self.polls.labels(provider, outcome)
-        child.inc()
+        _child(self._polled, self.polls, provider, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _child(cache: dict[tuple[str, str], Any], counter: Counter, provider: str, outcome: str) -> Any:
+    """`counter.labels(provider, outcome)`, made once and kept in `cache`."""
+    key = (provider, outcome)
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = counter.labels(provider, outcome)
+    return child

@@ -382,13 +382,14 @@ class Reconciler:
         now = self.clock.now()
         late = [task for task in tasks if held and now >= task.deadline_at]
         waiting = [task for task in tasks if not (held and now >= task.deadline_at)]
-        leases = {task.ref: self._leases.pop(task.ref, None) for task in tasks}
+        leases = {
+            t.ref: lease for t in tasks if (lease := self._leases.pop(t.ref, None)) is not None
+        }
         async with asyncio.TaskGroup() as writes:  # concurrent, so the store commits them as one
             for task in late:
                 writes.create_task(self.service.expire(task))
             if waiting:
-                held_by = {ref: until for ref, until in leases.items() if until is not None}
-                writes.create_task(self.service.defer(waiting, until, leases=held_by, met=met))
+                writes.create_task(self.service.defer(waiting, until, leases=leases, met=met))
         report.expired += len(late)
         report.deferred += len(waiting)
 
@@ -410,6 +411,8 @@ class Reconciler:
         except* StoreError as failed:
             # The store cannot commit (full disk, database gone): the answers are lost, the
             # tasks stay leased and are polled again when the lease ends.
+            for task in tasks:
+                self._leases.pop(task.ref, None)
             logger.error(
                 "%s: could not record the polls of %d task(s) (%s); they are polled again "
                 "when their lease ends",

@@ -629,21 +629,6 @@ class Service:
     async def database_bytes(self) -> int:
         return await self.store.size_bytes()
 
-    async def write_failure(self, timeout_seconds: float = 2.0) -> str | None:
-        """Why the store cannot commit, for /readyz; None when it can. After a failed write
-        this tries a tiny one (`Store.probe`), so readiness comes back by itself when the
-        disk has room again, even when no traffic arrives to show it (a load balancer sends
-        none to a replica that is not ready)."""
-        if self.store.write_failure() is None:
-            return None
-        try:
-            async with asyncio.timeout(timeout_seconds):
-                await self.store.probe()
-        except (TimeoutError, StoreError):
-            pass
-        failure = self.store.write_failure()
-        return None if failure is None else f"database cannot commit writes: {failure}"
-
     # --- operations: /readyz, /metrics and the dashboard's /stats ----------------------
 
     async def readiness(self, timeout_seconds: float = 2.0) -> list[str]:
@@ -661,7 +646,24 @@ class Service:
             reasons.append("reconciler loop not running")
         for name, why in sorted(self.health.paused.items()):
             reasons.append(f"{name}: credentials rejected ({why})")
+        if failure := await self._write_failure(timeout_seconds):  # e.g. a full disk (SPEC §4)
+            reasons.append(failure)
         return reasons
+
+    async def _write_failure(self, timeout_seconds: float) -> str | None:
+        """Why the store cannot commit; None when it can. After a failed write this tries a
+        tiny one (`Store.probe`), so readiness comes back by itself when the
+        disk has room again, even when no traffic arrives to show it (a load balancer sends
+        none to a replica that is not ready)."""
+        if self.store.write_failure() is None:
+            return None
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self.store.probe()
+        except (TimeoutError, StoreError):
+            pass
+        failure = self.store.write_failure()
+        return None if failure is None else f"database cannot commit writes: {failure}"
 
     async def overview(self) -> Overview:
         """Task counts, how terminal tasks were settled, lag and the log head, in one read."""

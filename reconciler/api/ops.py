@@ -34,8 +34,6 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     service: Service = request.app.state.service
     reasons = await service.readiness()
-    if failure := await service.write_failure():  # e.g. a full disk (SPEC §4)
-        reasons.append(failure)
     if reasons:
         return error_response(503, "not_ready", "not ready: " + "; ".join(reasons), reasons=reasons)
     health = service.health

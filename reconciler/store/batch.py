@@ -321,6 +321,22 @@ def deliveries_to_prune(
     return doomed, Pruned(len(doomed), len(scanned) >= limit and not young, last)
 
 
+DELIVERIES_PER_READ = 5000  # `count_prunable_deliveries`: deliveries per read of the scan
+
+Scan = Callable[[int, int], Awaitable[Sequence[tuple[int, Moment, bool]]]]
+
+
+async def count_prunable_deliveries(scan: Scan[Moment], before: Moment) -> int:
+    """How many deliveries a prune to `before` would remove now (`Store.prunable`): the
+    backend's `scan(after, limit)` (the rows `deliveries_to_prune` takes) read page by page."""
+    count, after, more = 0, 0, True
+    while more:
+        scanned = await scan(after, DELIVERIES_PER_READ)
+        doomed, pruned = deliveries_to_prune(scanned, before, DELIVERIES_PER_READ, after)
+        count, after, more = count + len(doomed), pruned.after, pruned.more
+    return count
+
+
 def task_key(ref: TaskRef) -> str:
     return f"task:{ref.provider}:{ref.task_id}"
 

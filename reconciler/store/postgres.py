@@ -73,6 +73,7 @@ from reconciler.store.batch import (
     Probe,
     Writer,
     Writes,
+    count_prunable_deliveries,
     deliveries_to_prune,
     events_to_prune,
     fail,
@@ -218,7 +219,6 @@ SELECT coalesce((SELECT min(seq) FROM events), (SELECT last_seq FROM log_head WH
 # The probe needs a new page, as the writes that failed did: a TRUNCATE gives the table a new,
 # empty file, so the INSERT after it has to extend that file.
 _PROBE = ("TRUNCATE store_probe", "INSERT INTO store_probe (probed_at) VALUES ($1)")
-DELIVERIES_PER_READ = 5000  # `prunable`: deliveries per read of the scan
 
 
 def lock_key(key: str) -> int:
@@ -529,15 +529,12 @@ class PostgresStore(Batched):
             rows = await self._fetch(_COUNT_OLD_EVENTS, before, 2**63 - 1)
             return int(rows[0][0])
         if kind is RowKind.DELIVERIES:
-            count, after, more = 0, 0, True
-            while more:
-                scanned = [
-                    (row[0], row[1], row[2])
-                    for row in await self._fetch(_SCAN_DELIVERIES, after, DELIVERIES_PER_READ)
-                ]
-                doomed, pruned = deliveries_to_prune(scanned, before, DELIVERIES_PER_READ, after)
-                count, after, more = count + len(doomed), pruned.after, pruned.more
-            return count
+
+            async def scan(after: int, limit: int) -> list[tuple[int, datetime, bool]]:
+                rows = await self._fetch(_SCAN_DELIVERIES, after, limit)
+                return [(row[0], row[1], row[2]) for row in rows]
+
+            return await count_prunable_deliveries(scan, before)
         rows = await self._fetch(_COUNT_OLD_TASKS, before)
         return int(rows[0][0])
 

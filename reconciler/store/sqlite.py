@@ -64,6 +64,7 @@ from reconciler.store.batch import (
     Prune,
     Writer,
     Writes,
+    count_prunable_deliveries,
     deliveries_to_prune,
     events_to_prune,
     fail,
@@ -147,7 +148,6 @@ _OLDEST_SEQ = """
 SELECT COALESCE((SELECT MIN(seq) FROM events), (SELECT pruned_seq FROM store_state) + 1)
 """
 _PROBE = "UPDATE store_state SET probed_at = ? WHERE id = 1"
-DELIVERIES_PER_READ = 5000  # `prunable`: deliveries per read of the scan
 
 
 def epoch(moment: datetime) -> float:
@@ -448,12 +448,11 @@ class SQLiteStore(Batched):
             rows = await self._fetch("SELECT COUNT(*) FROM events WHERE seq < ?", (end,))
             return int(rows[0][0])
         if kind is RowKind.DELIVERIES:
-            count, after, more = 0, 0, True
-            while more:
-                scanned = await self._fetch(_SCAN_DELIVERIES, (after, DELIVERIES_PER_READ))
-                doomed, pruned = deliveries_to_prune(scanned, cutoff, DELIVERIES_PER_READ, after)
-                count, after, more = count + len(doomed), pruned.after, pruned.more
-            return count
+
+            async def scan(after: int, limit: int) -> list[tuple[int, float, bool]]:
+                return await self._fetch(_SCAN_DELIVERIES, (after, limit))
+
+            return await count_prunable_deliveries(scan, cutoff)
         rows = await self._fetch(f"SELECT COUNT(*) {_OLD_TASKS}", (cutoff, cutoff))
         return int(rows[0][0])
 
