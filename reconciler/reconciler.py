@@ -68,6 +68,10 @@ class PassReport:
     deferred: int = 0  # tasks handed back for a provider's limits
     abandoned: int = 0  # tasks left leased (shutdown): retried when the lease ends
     requests: Counter[str] = field(default_factory=Counter)  # provider -> requests sent
+    # Providers whose lane had no room for more (`Lane.room`): their due tasks were left
+    # in the database, and leases were taken per provider for the others.
+    full: set[str] = field(default_factory=set)
+    more: bool = False  # a per-provider lease took as many as it asked: more may be due
     next_due_at: datetime | None = None
 
     @property
@@ -119,6 +123,9 @@ class Reconciler:
         self._leases: dict[TaskRef, datetime] = {}
         self._opened = False
         self._closed = False
+        # Set while a provider's lane has no room for more: an exchange that ends then rings
+        # the alarm, so that the loop leases that provider's next due tasks at once.
+        self._waiting_for_room = False
         self._stop = asyncio.Event()
         # Set by `run()`: batches due within the horizon wait for their slot in memory.
         # `run_once()` does only what is due at its `now`, and hands the rest back.
@@ -232,7 +239,9 @@ class Reconciler:
                     try:
                         await self._pass(group, report)
                         alarm.next_look = None
-                        report.next_due_at = await self.service.next_due_at()
+                        report.next_due_at = _next_look(
+                            await self.service.next_due_at(), report, now
+                        )
                     except* StoreError as failed:
                         # The store cannot commit or answer (full disk, database gone): the
                         # loop waits and tries again, so that it recovers by itself when
@@ -273,7 +282,7 @@ class Reconciler:
     async def _pass(self, group: asyncio.TaskGroup, report: PassReport) -> int:
         """Lease one chunk and start its work in `group`; returns how many were leased."""
         now = self.clock.now()
-        leased = await self.service.lease_due(self.chunk, self.lease_seconds, now)
+        leased = await self._lease(now, report)
         until = now + timedelta(seconds=self.lease_seconds)  # as the store wrote it
         for task in leased:
             self._leases[task.ref] = until
@@ -289,6 +298,37 @@ class Reconciler:
             for name, tasks in by_provider.items():
                 self._dispatch(group, writes, name, tasks, now, report)
         return len(leased)
+
+    async def _lease(self, now: datetime, report: PassReport) -> list[Task]:
+        """The due tasks this pass takes: the earliest `chunk` of them; or, while a polled
+        provider has no room for more (`Lane.room`: its connections busy, a backlog waiting
+        for them), up to each other provider's room of its own due tasks. The full one's
+        backlog then stays in the database, due, until its exchanges end (each rings the
+        alarm), rather than being leased, held past the horizon and handed back pass after
+        pass; and it holds up no other provider's polls.
+
+        Only `run()` holds batches in memory; `run_once()` takes the earliest chunk."""
+        rooms = {}
+        for name, lane in self._lanes.items():
+            held = lane.limits.held_until(now) is not None
+            # Nobody to ask, or a provider on hold: its due tasks are handed back at once.
+            rooms[name] = lane.room() if lane.configured and not held else self.chunk
+        report.full = {name for name, room in rooms.items() if room == 0}
+        self._waiting_for_room = bool(report.full) and self._wait_in_memory
+        if not self._waiting_for_room:
+            return await self.service.lease_due(self.chunk, self.lease_seconds, now)
+        wanted = {name: min(room, self.chunk) for name, room in rooms.items() if room > 0}
+        async with asyncio.TaskGroup() as leases:  # concurrent: the store takes them as one
+            taken = {
+                name: leases.create_task(
+                    self.service.lease_due(limit, self.lease_seconds, now, name)
+                )
+                for name, limit in wanted.items()
+            }
+        leased = [task for job in taken.values() for task in job.result()]
+        report.more = any(len(taken[name].result()) >= limit for name, limit in wanted.items())
+        leased.sort(key=lambda task: task.next_poll_at or now)
+        return leased
 
     def _dispatch(
         self,
@@ -405,6 +445,8 @@ class Reconciler:
         ending = await exchange(
             lane, permit, tasks, stop=self._stop, metrics=self.metrics, sent=report.requests
         )
+        if self._waiting_for_room:
+            self.alarm.ring()  # room for a provider that had none: lease its next polls
         self._publish(lane, self.clock.now())
         try:
             await self._settle(lane, tasks, ending, report)
@@ -489,6 +531,16 @@ async def _always_leading() -> AsyncIterator[asyncio.Event]:
 async def _ring_on(lost: asyncio.Event, alarm: Alarm) -> None:
     await lost.wait()
     alarm.ring()
+
+
+def _next_look(due: datetime | None, report: PassReport, now: datetime) -> datetime | None:
+    """When the loop looks at the schedule again after `report`'s pass: at the earliest
+    due poll; but while a provider waits for room, its backlog is that poll, and it is
+    looked at when one of its exchanges ends (the alarm) or, for the other providers' polls
+    falling due meanwhile, within the horizon."""
+    if not report.full or report.more or due is None:
+        return due
+    return max(due, after(now, WAIT_HORIZON_SECONDS))
 
 
 def _batches(provider: Provider, tasks: Sequence[Task]) -> list[list[Task]]:

@@ -361,11 +361,16 @@ class Service:
     # --- polling (called by the reconciler loop) ---------------------------------------
 
     async def lease_due(
-        self, limit: int, lease_seconds: float, now: datetime | None = None
+        self,
+        limit: int,
+        lease_seconds: float,
+        now: datetime | None = None,
+        provider: str | None = None,
     ) -> list[Task]:
-        """Take up to `limit` due tasks for a poll; each is held (its `next_poll_at` moved
-        to `now + lease_seconds`) until its poll's result, a hand-back, or the lease's end."""
-        return await self.store.lease_due(now or self.clock.now(), limit, lease_seconds)
+        """Take up to `limit` due tasks (of `provider` only, if given) for a poll; each is
+        held (its `next_poll_at` moved to `now + lease_seconds`) until its poll's result, a
+        hand-back, or the lease's end."""
+        return await self.store.lease_due(now or self.clock.now(), limit, lease_seconds, provider)
 
     async def next_due_at(self) -> datetime | None:
         return await self.store.next_due_at()

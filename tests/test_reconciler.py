@@ -693,6 +693,52 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
                 await running
 
 
+async def test_a_provider_without_room_leaves_its_backlog_due_and_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    """Twenty Kie tasks fall due, then a CometAPI one; the loop leases ten at a time. Kie
+    (10 requests/s, 4 connections) can use eight batches at once: the first pass leases ten,
+    and its lane is full. The next pass leases CometAPI's task by itself and leaves
+    Kie's other ten in the database, due and untouched (they used to be leased and handed
+    back, a write each, pass after pass). As Kie's exchanges end, its next tasks are leased:
+    every Kie request still goes one token apart, every task polled once."""
+    clock = WatchedClock()
+    async with (
+        Simulator(clock=clock, seed=4).serve() as sim,
+        harness(tmp_path, clock, sim, env={"KIE_RATE_LIMIT": "10"}) as h,
+    ):
+        h.loop.chunk = 10
+        kie = []
+        for _ in range(20):
+            created = sim.create_task("kie", action="jobs", finish_after=300)
+            kie.append(await register(h, "kie", created.task_id, "jobs"))
+        clock.advance(1)
+        created = sim.create_task("cometapi", action="text2video", finish_after=300)
+        comet = [await register(h, "cometapi", created.task_id, "text2video")]
+        due = {ref: (await h.task(*ref)).next_poll_at for ref in kie}
+        running = asyncio.create_task(h.loop.run())
+        try:
+            clock.advance(FIRST_POLL_AFTER)
+            start = clock.now()
+            await polled(h, comet, 1)
+            assert [r.at for r in requests_of(sim, "cometapi")] == [start]
+            waiting = await h.tasks(kie)
+            untouched = [t for t in waiting if t.polls == 0 and t.next_poll_at == due[t.ref]]
+            assert len(untouched) == 10  # the backlog, still due, never leased
+            await clock.until(lambda: start + timedelta(seconds=1) in clock.sleeping)
+
+            for count in range(2, len(kie) + 1):
+                clock.set(clock.next_wake())  # the next Kie batch's slot
+                await polled(h, kie, count)
+            assert all(task.polls == 1 for task in await h.tasks(kie))
+            times = sorted(r.at - start for r in requests_of(sim, "kie"))
+            assert times == [timedelta(seconds=n / 10) for n in range(20)]
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+
+
 class WatchedClock(FakeClock):
     """A FakeClock that knows who sleeps on it and until when, so a test of `run()` can move
     time on to the next moment someone waits for, once everyone is waiting."""

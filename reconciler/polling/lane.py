@@ -12,6 +12,7 @@ probe's verdict wakes them all. Nothing here decides what happens to tasks.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ class Lane:
     def configured(self) -> bool:
         """Whether there is anyone to ask (a base URL, and credentials where needed)."""
         return self.provider.settings.configured
+
+    def room(self) -> int:
+        """How many more leased tasks this lane can put to use now: batches enough for its
+        connections and as many again waiting (or as many as its rate starts within the
+        horizon, if fewer), less the batches it holds, in flight or waiting for a turn. At 0
+        its backlog is best left in the database, due, until an exchange ends: leased, it
+        would only wait here past the horizon and be handed back (a write, and a lease
+        again later, for each task)."""
+        limits = self.limits
+        rate_batches = math.ceil(limits.bucket.rate * WAIT_HORIZON_SECONDS)
+        batches = max(1, min(2 * limits.concurrency, rate_batches))
+        free = batches - limits.in_flight - self.waiting
+        return max(0, free) * max(1, self.provider.batch_size)
 
     # --- the connection pool -----------------------------------------------------------
 

@@ -123,7 +123,12 @@ class Store(Protocol):
 
     async def replay(self, delivery_id: int, interpret: Interpret) -> IngestResult: ...
 
-    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]: ...
+    async def lease_due(
+        self, now: datetime, limit: int, lease_seconds: float, provider: str | None = None
+    ) -> list[Task]:
+        """Take up to `limit` due tasks (of `provider` only, if given), earliest first, each
+        held until `now + lease_seconds`."""
+        ...
 
     async def next_due_at(self) -> datetime | None: ...
 

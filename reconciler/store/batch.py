@@ -82,6 +82,7 @@ class Lease(Op):
     now: datetime
     limit: int
     lease_seconds: float
+    provider: str | None = None
 
 
 @dataclass(eq=False)
@@ -176,9 +177,11 @@ class Transaction(Protocol):
         """Write the deliveries, tasks and delivery updates (not the events)."""
         ...
 
-    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
-        """Due tasks (`next_poll_at <= now`), earliest first, as they were (due), their
-        `next_poll_at` moved to `until`."""
+    async def lease(
+        self, now: datetime, limit: int, until: datetime, provider: str | None
+    ) -> list[Task]:
+        """Due tasks (`next_poll_at <= now`; of `provider` only, if given), earliest first,
+        as they were (due), their `next_poll_at` moved to `until`."""
         ...
 
     async def append(self, events: Sequence[EventRecord], earliest_due: datetime | None) -> int:
@@ -407,7 +410,7 @@ async def write_batch(tx: Transaction, ops: Sequence[Op]) -> tuple[list[object],
     for index, op in enumerate(ops):
         if isinstance(op, Lease):
             until = op.now + timedelta(seconds=op.lease_seconds)
-            leased = await tx.lease(op.now, op.limit, until)
+            leased = await tx.lease(op.now, op.limit, until, op.provider)
             results[index] = leased
             if leased:
                 due.append(until)
@@ -606,6 +609,8 @@ class Batched:
         result: IngestResult = await self._writer.submit(Replay(delivery_id, interpret))
         return result
 
-    async def lease_due(self, now: datetime, limit: int, lease_seconds: float) -> list[Task]:
-        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds))
+    async def lease_due(
+        self, now: datetime, limit: int, lease_seconds: float, provider: str | None = None
+    ) -> list[Task]:
+        result: list[Task] = await self._writer.submit(Lease(now, limit, lease_seconds, provider))
         return result

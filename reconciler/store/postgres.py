@@ -157,11 +157,12 @@ FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(id, outcome, 
 WHERE d.id = u.id
 """
 # MATERIALIZED: the planner must not fold the CTE into the UPDATE and lock (or update) more
-# rows than the limit.
-_LEASE = """
+# rows than the limit. Two statements rather than an optional filter, so that each keeps a
+# plan on its own index (`tasks_due`, `tasks_due_by_provider`).
+_LEASE_FROM = """
 WITH due AS MATERIALIZED (
     SELECT provider, task_id, next_poll_at FROM tasks
-    WHERE next_poll_at <= $1
+    WHERE {where}
     ORDER BY next_poll_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -170,6 +171,8 @@ UPDATE tasks SET next_poll_at = $3 FROM due
 WHERE tasks.provider = due.provider AND tasks.task_id = due.task_id
 RETURNING tasks.data, due.next_poll_at
 """
+_LEASE = _LEASE_FROM.format(where="next_poll_at <= $1")
+_LEASE_OF = _LEASE_FROM.format(where="provider = $4 AND next_poll_at <= $1")
 # The last statement before COMMIT: number the events, write them, and notify.
 _APPEND = """
 WITH head AS (UPDATE log_head SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq),
@@ -368,8 +371,13 @@ class _Transaction:
                 ),
             )
 
-    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
-        rows = await self.conn.fetch(_LEASE, now, limit, until)
+    async def lease(
+        self, now: datetime, limit: int, until: datetime, provider: str | None
+    ) -> list[Task]:
+        if provider is None:
+            rows = await self.conn.fetch(_LEASE, now, limit, until)
+        else:
+            rows = await self.conn.fetch(_LEASE_OF, now, limit, until, provider)
         tasks = [task_from_json(data, due) for data, due in rows]
         tasks.sort(key=lambda task: task.next_poll_at or now)
         return self.leased.keep(tasks)

@@ -121,6 +121,11 @@ _SELECT_DUE = """
 SELECT data, next_poll_at FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
 ORDER BY next_poll_at LIMIT ?
 """
+_SELECT_DUE_OF = """
+SELECT data, next_poll_at FROM tasks
+WHERE provider = ? AND next_poll_at IS NOT NULL AND next_poll_at <= ?
+ORDER BY next_poll_at LIMIT ?
+"""
 
 # --- retention (see `batch.events_to_prune`, `batch.deliveries_to_prune`) ------------------
 _TERMINAL = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL))
@@ -301,8 +306,13 @@ class _Transaction:
             self.last_seq += len(events)
         return first_seq
 
-    async def lease(self, now: datetime, limit: int, until: datetime) -> list[Task]:
-        rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
+    async def lease(
+        self, now: datetime, limit: int, until: datetime, provider: str | None
+    ) -> list[Task]:
+        if provider is None:
+            rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
+        else:
+            rows = self.db.execute(_SELECT_DUE_OF, (provider, epoch(now), limit)).fetchall()
         tasks = self.leased.keep([_task(data, due) for data, due in rows])
         if tasks:
             # Only the poll time changes: the column alone (see `rows.task_from_json`).

@@ -190,6 +190,20 @@ async def test_lease_pushes_due_tasks_forward(any_store: Store) -> None:
     assert moved is not None and moved.next_poll_at == NOW + timedelta(seconds=90)
 
 
+async def test_a_lease_of_one_provider_takes_only_its_due_tasks(any_store: Store) -> None:
+    for n, provider in enumerate(["kie", "kling", "kie", "acedata", "kie"]):
+        ref = TaskRef(provider, f"t{n}")
+        await any_store.apply([ref], creating(ref))
+    due = NOW + timedelta(seconds=60)
+    assert await any_store.lease_due(NOW, 10, 30, "kie") == []  # none due yet
+    kie = await any_store.lease_due(due, 2, 30, "kie")
+    kie += await any_store.lease_due(due, 10, 30, "kie")
+    assert sorted(t.task_id for t in kie) == ["t0", "t2", "t4"]
+    assert await any_store.lease_due(due, 10, 30, "kie") == []  # all of Kie's are leased
+    rest = await any_store.lease_due(due, 10, 30)
+    assert sorted(t.task_id for t in rest) == ["t1", "t3"]  # the others were left due
+
+
 async def test_list_tasks_pages_newest_first(any_store: Store) -> None:
     for n in range(5):
         ref = TaskRef("kling" if n % 2 else "kie", f"t{n}")

@@ -180,6 +180,7 @@ async def test_times_and_event_bodies_move_to_their_new_form(tmp_path: Path) -> 
                 old = '{"seq":1,' + old[1:]
             db.execute(f"UPDATE {table} SET {column} = ?", (old,))
         db.execute("DROP TABLE store_state")
+        db.execute("DROP INDEX tasks_due_by_provider")
         db.execute("DELETE FROM schema_migrations WHERE number >= 4")
 
     async with SQLiteStore(path) as store:
