@@ -148,15 +148,14 @@ async def _send(
     lane: Lane, request: httpx.Request, metrics: Metrics, sent: Counter[str]
 ) -> httpx.Response:
     name = lane.name
-    assert lane.client is not None, "the lane is not open"
     seconds = lane.provider.settings.request_timeout
     request.extensions["timeout"] = httpx.Timeout(seconds).as_dict()
-    async with lane.limits.semaphore:
+    async with lane.connection() as client:
         started = time.perf_counter()
         status = "error"
         try:
             async with asyncio.timeout(seconds):
-                response = await lane.client.send(request, auth=lane.auth)
+                response = await client.send(request, auth=lane.auth)
             status = str(response.status_code)
             return response
         except (TimeoutError, httpx.TimeoutException):
