@@ -195,6 +195,21 @@ class Leased:
             del self._tasks[next(iter(self._tasks))]
         return tasks
 
+    def __contains__(self, ref: TaskRef) -> bool:
+        return ref in self._tasks
+
+    def take(
+        self, ref: TaskRef, version: int, updated_at: datetime, next_poll_at: datetime | None
+    ) -> Task | None:
+        """The leased task, with the row's poll time, if the row (its `version` and last
+        change) still holds it; else None. Either way it is forgotten."""
+        task = self._tasks.pop(ref, None)
+        if task is None or task.version != version or task.updated_at != updated_at:
+            return None
+        return (
+            task if task.next_poll_at == next_poll_at else task.replace(next_poll_at=next_poll_at)
+        )
+
     def read(
         self,
         ref: TaskRef,
@@ -204,9 +219,6 @@ class Leased:
         next_poll_at: datetime | None,
     ) -> Task:
         """The stored task: the leased one when the row still holds it, else `data` parsed."""
-        task = self._tasks.pop(ref, None)
-        if task is None or task.version != version or task.updated_at != updated_at:
-            return task_from_json(data, next_poll_at)
-        return (
-            task if task.next_poll_at == next_poll_at else task.replace(next_poll_at=next_poll_at)
+        return self.take(ref, version, updated_at, next_poll_at) or task_from_json(
+            data, next_poll_at
         )
