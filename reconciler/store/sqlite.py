@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import sqlite3
@@ -117,12 +118,22 @@ SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM events), (SELECT pruned_seq FROM s
            (SELECT pruned_delivery FROM store_state))
 """
 _LEASE = "UPDATE tasks SET next_poll_at = ? WHERE provider = ? AND task_id = ?"
-_SELECT_DUE = """
-SELECT data, next_poll_at FROM tasks WHERE next_poll_at IS NOT NULL AND next_poll_at <= ?
-ORDER BY next_poll_at LIMIT ?
+# `tasks_due` is by provider (migrations/sqlite/0006): each provider that has a poll planned,
+# with its earliest, found by skipping from one provider to the next in the index.
+_DUE_HEADS = """
+WITH RECURSIVE head(provider) AS (
+    SELECT MIN(provider) FROM tasks INDEXED BY tasks_due WHERE next_poll_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT MIN(provider) FROM tasks INDEXED BY tasks_due
+            WHERE next_poll_at IS NOT NULL AND provider > head.provider)
+    FROM head WHERE head.provider IS NOT NULL
+)
+SELECT provider, (SELECT MIN(next_poll_at) FROM tasks INDEXED BY tasks_due
+                  WHERE provider = head.provider AND next_poll_at IS NOT NULL)
+FROM head WHERE provider IS NOT NULL
 """
 _SELECT_DUE_OF = """
-SELECT data, next_poll_at FROM tasks
+SELECT next_poll_at, data FROM tasks INDEXED BY tasks_due
 WHERE provider = ? AND next_poll_at IS NOT NULL AND next_poll_at <= ?
 ORDER BY next_poll_at LIMIT ?
 """
@@ -316,11 +327,20 @@ class _Transaction:
     async def lease(
         self, now: datetime, limit: int, until: datetime, provider: str | None
     ) -> list[Task]:
-        if provider is None:
-            rows = self.db.execute(_SELECT_DUE, (epoch(now), limit)).fetchall()
+        due_by = epoch(now)
+        if provider is None:  # the earliest `limit` of every provider's earliest
+            heads = self.db.execute(_DUE_HEADS).fetchall()
+            due = [name for name, earliest in heads if earliest <= due_by]
         else:
-            rows = self.db.execute(_SELECT_DUE_OF, (provider, epoch(now), limit)).fetchall()
-        tasks = self.leased.keep([_task(data, due) for data, due in rows])
+            due = [provider]
+        rows = [
+            row
+            for name in due
+            for row in self.db.execute(_SELECT_DUE_OF, (name, due_by, limit)).fetchall()
+        ]
+        if len(due) > 1:
+            rows = heapq.nsmallest(limit, rows, key=lambda row: row[0])
+        tasks = self.leased.keep([_task(data, at) for at, data in rows])
         if tasks:
             # Only the poll time changes: the column alone (see `rows.task_from_json`).
             moved = epoch(until)
@@ -593,10 +613,8 @@ class SQLiteStore(Batched):
             return list(await db.execute_fetchall(sql, params))
 
     async def next_due_at(self) -> datetime | None:
-        rows = await self._fetch(
-            "SELECT MIN(next_poll_at) FROM tasks WHERE next_poll_at IS NOT NULL"
-        )
-        return from_epoch(rows[0][0]) if rows and rows[0][0] is not None else None
+        heads = await self._fetch(_DUE_HEADS)
+        return min((from_epoch(earliest) for _, earliest in heads), default=None)
 
     async def get_task(self, ref: TaskRef) -> Task | None:
         rows = await self._fetch(
