@@ -124,11 +124,20 @@ class DeliveryUpdate:
 @dataclass(frozen=True, slots=True)
 class TaskRow:
     task: Task
-    data: str  # `rows.task_to_json(task)`
+    # `rows.task_to_json(task)`; None when only its counters moved since the stored row
+    # (`COUNTERS`, and the poll time): a backend may then update those in the stored JSON
+    # rather than write all of it again (`json`). Most polls change nothing else.
+    data: str | None
     # The row exists and none of its indexed columns (status, source, external id) moved:
     # an update of the rest (poll time, version, JSON) does, and costs no index rewrite.
-    # Most polls change nothing else.
     in_place: bool = False
+
+    def json(self) -> str:
+        return self.data if self.data is not None else task_to_json(self.task)
+
+
+# What a poll that learns nothing new changes in a task, besides its poll time.
+COUNTERS = ("polls", "version", "poll_failures")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,16 +257,20 @@ class _Batch:
         if change is None:
             return task, None
         updated = change.task
-        self.tasks[updated.ref] = updated
-        self.public[updated.ref] = public = public_json(updated)
-        stored = self.stored.get(updated.ref)
+        ref = updated.ref
+        self.tasks[ref] = updated
+        stored = self.stored.get(ref)
+        if change.event is None and _counters_only(stored, updated):
+            self.writes.tasks[ref] = TaskRow(updated, None, in_place=True)
+            return updated, change
+        self.public[ref] = public = public_json(updated)
         in_place = (
             stored is not None
             and stored.status is updated.status
             and stored.source is updated.source
             and stored.external_task_id == updated.external_task_id
         )
-        self.writes.tasks[updated.ref] = TaskRow(updated, task_to_json(updated, public), in_place)
+        self.writes.tasks[ref] = TaskRow(updated, task_to_json(updated, public), in_place)
         if change.event is not None:
             self.event_index[id(key)] = len(self.writes.events)
             self.writes.events.append(
@@ -474,6 +487,14 @@ def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:
         )
         return IngestResult(op.delivery_id, outcome, task, error, batch.json_of(task))
     return None  # leases, prunes and probes run after the batch's other writes
+
+
+def _counters_only(stored: Task | None, updated: Task) -> bool:
+    """Whether `updated` differs from the stored task in its counters and poll time only."""
+    if stored is None:
+        return False
+    same = {name: getattr(stored, name) for name in COUNTERS}
+    return updated.replace(next_poll_at=stored.next_poll_at, **same) == stored
 
 
 def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:

@@ -332,7 +332,7 @@ class _Transaction:
                             task.updated_at,
                             task.next_poll_at,
                             task.version,
-                            row.data,
+                            row.json(),
                         )
                         for row in upserts
                         for task in (row.task,)
@@ -351,7 +351,7 @@ class _Transaction:
                             task.updated_at,
                             task.next_poll_at,
                             task.version,
-                            row.data,
+                            row.json(),
                         )
                         for row in in_place
                         for task in (row.task,)

@@ -102,6 +102,12 @@ _UPDATE_TASK_IN_PLACE = """
 UPDATE tasks SET updated_at = ?, next_poll_at = ?, version = ?, data = ?
 WHERE provider = ? AND task_id = ?
 """
+# Only the counters moved (batch.TaskRow): SQLite changes them in the stored JSON itself.
+_UPDATE_COUNTERS = """
+UPDATE tasks SET next_poll_at = ?, version = ?,
+    data = json_set(data, '$.polls', ?, '$.version', ?, '$.internal.poll_failures', ?)
+WHERE provider = ? AND task_id = ?
+"""
 _INSERT_EVENT = (
     "INSERT INTO events (seq, provider, task_id, type, at, body) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -287,7 +293,7 @@ class _Transaction:
         if writes.tasks:
             rows = writes.tasks.values()
             db.executemany(
-                _UPSERT_TASK, [_task_row(row.task, row.data) for row in rows if not row.in_place]
+                _UPSERT_TASK, [_task_row(row.task, row.json()) for row in rows if not row.in_place]
             )
             db.executemany(
                 _UPDATE_TASK_IN_PLACE,
@@ -301,7 +307,24 @@ class _Transaction:
                         task.task_id,
                     )
                     for row in rows
-                    if row.in_place
+                    if row.in_place and row.data is not None
+                    for task in (row.task,)
+                ],
+            )
+            db.executemany(
+                _UPDATE_COUNTERS,
+                [
+                    (
+                        epoch(task.next_poll_at) if task.next_poll_at else None,
+                        task.version,
+                        task.polls,
+                        task.version,
+                        task.poll_failures,
+                        task.provider,
+                        task.task_id,
+                    )
+                    for row in rows
+                    if row.data is None
                     for task in (row.task,)
                 ],
             )

@@ -204,6 +204,30 @@ async def test_a_lease_of_one_provider_takes_only_its_due_tasks(any_store: Store
     assert sorted(t.task_id for t in rest) == ["t1", "t3"]  # the others were left due
 
 
+async def test_a_change_of_counters_only_reads_back_whole(any_store: Store) -> None:
+    """A poll that learns nothing new moves only the task's counters and poll time, which a
+    backend may write as such; what reads back is the task as decided, every field."""
+    ref = TaskRef("acedata", "counted")
+    await any_store.apply([ref], creating(ref, metadata={"user": 'Zoë \u2028 "q"'}))
+    before = await any_store.get_task(ref)
+    assert before is not None
+    later = NOW + timedelta(seconds=120)
+
+    def counted(task: Task | None) -> Change | None:
+        assert task is not None
+        bumped = task.replace(polls=task.polls + 1, version=task.version + 1, poll_failures=2)
+        return Change(bumped.replace(next_poll_at=later), None)
+
+    result = await any_store.apply([ref], counted)
+    expected = before.replace(
+        polls=before.polls + 1, version=before.version + 1, poll_failures=2, next_poll_at=later
+    )
+    assert result.task == expected
+    assert await any_store.get_task(ref) == expected
+    [leased] = await any_store.lease_due(later, 10, 30)
+    assert leased == expected
+
+
 async def test_list_tasks_pages_newest_first(any_store: Store) -> None:
     for n in range(5):
         ref = TaskRef("kling" if n % 2 else "kie", f"t{n}")
