@@ -86,6 +86,24 @@ async def admin(statement: str) -> None:
         await conn.close()
 
 
+def simulator_argv(pin: bool) -> list[str]:
+    """The simulator on the other CPU: every task `processing` for good, no callbacks."""
+    return pinned(
+        OTHER_CPU,
+        [
+            sys.executable,
+            "-m",
+            "reconciler.simulator",
+            "--no-callback-bodies",
+            "--processing-after",
+            "0",
+            "--finish-after",
+            "1000000",
+        ],
+        pin,
+    )
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
@@ -94,23 +112,7 @@ def percentile(values: Sequence[float], pct: float) -> float:
 async def run(o: Options, workdir: Path) -> int:
     env = reconcile.clean_environ()
     sim = await reconcile.start_child(
-        "simulator",
-        pinned(
-            OTHER_CPU,
-            [
-                sys.executable,
-                "-m",
-                "reconciler.simulator",
-                "--no-callback-bodies",
-                "--processing-after",
-                "0",
-                "--finish-after",
-                "1000000",
-            ],
-            o.pin,
-        ),
-        env,
-        workdir / "simulator.log",
+        "simulator", simulator_argv(o.pin), env, workdir / "simulator.log"
     )
     hello = json.loads(sim.first_line)
     database = f"bench_burst_{os.getpid()}"
