@@ -212,14 +212,13 @@ class _Transaction:
         self, keys: Collection[tuple[str, str]]
     ) -> dict[tuple[str, str], str | None]:
         seen: dict[tuple[str, str], str | None] = {}
-        for provider, shas in _by_provider(keys).items():
-            for chunk in _chunks(sorted(shas), KEYS_PER_QUERY):
-                sql = (
-                    "SELECT sha256, task_id FROM deliveries WHERE provider = ? "
-                    f"AND sha256 IN ({','.join('?' * len(chunk))}) AND outcome != 'rejected'"
-                )
-                for sha, task_id in self.db.execute(sql, [provider, *chunk]):
-                    seen[(provider, sha)] = task_id
+        for provider, chunk in _key_chunks(keys):
+            sql = (
+                "SELECT sha256, task_id FROM deliveries WHERE provider = ? "
+                f"AND sha256 IN ({','.join('?' * len(chunk))}) AND outcome != 'rejected'"
+            )
+            for sha, task_id in self.db.execute(sql, [provider, *chunk]):
+                seen[(provider, sha)] = task_id
         return seen
 
     async def stored_deliveries(self, ids: Collection[int]) -> dict[int, NewDelivery]:
@@ -240,7 +239,7 @@ class _Transaction:
         task the lease read (`rows.Leased`): its row's columns say so, and its JSON is not
         read again (fifty JSON texts a poll exchange, for nothing)."""
         found: list[Task] = []
-        leased = [ref for ref in refs if ref in self.leased]
+        leased = {ref for ref in refs if ref in self.leased}
         changed: list[TaskRef] = []
         for provider, chunk in _key_chunks(leased):
             sql = (
@@ -256,8 +255,7 @@ class _Transaction:
                     changed.append(ref)
                 else:
                     found.append(task)
-        taken = set(leased)
-        for provider, chunk in _key_chunks([r for r in refs if r not in taken] + changed):
+        for provider, chunk in _key_chunks([r for r in refs if r not in leased] + changed):
             sql = (
                 "SELECT data, next_poll_at FROM tasks "
                 f"WHERE provider = ? AND task_id IN ({','.join('?' * len(chunk))})"
@@ -910,10 +908,10 @@ def _by_provider(keys: Collection[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
-def _key_chunks(refs: Collection[TaskRef]) -> Iterator[tuple[str, Sequence[str]]]:
-    """`refs` as (provider, task ids) for `IN` lists of at most `KEYS_PER_QUERY`."""
-    for provider, task_ids in _by_provider(refs).items():
-        for chunk in _chunks(sorted(task_ids), KEYS_PER_QUERY):
+def _key_chunks(keys: Collection[tuple[str, str]]) -> Iterator[tuple[str, Sequence[str]]]:
+    """(provider, key) pairs as (provider, keys) for `IN` lists of at most `KEYS_PER_QUERY`."""
+    for provider, names in _by_provider(keys).items():
+        for chunk in _chunks(sorted(names), KEYS_PER_QUERY):
             yield provider, chunk
 
 
