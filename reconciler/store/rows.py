@@ -182,15 +182,18 @@ class Leased:
     its row is read again inside the write transaction; a row whose version and last change
     have not moved since the lease holds this very task (the lease moved only the poll-time
     column), so its JSON need not be parsed a second time: a tenth of the loop's CPU when
-    100,000 polls fall due together (bench/burst.py)."""
+    100,000 polls fall due together (bench/burst.py). Where the store knows that nothing
+    but its own transactions wrote since (`held`), the row need not be read at all."""
 
     def __init__(self, size: int = 20_000) -> None:
         self.size = size
-        self._tasks: dict[TaskRef, Task] = {}
+        # ref -> (the task as read, the poll time the lease wrote)
+        self._tasks: dict[TaskRef, tuple[Task, datetime | None]] = {}
 
-    def keep(self, tasks: list[Task]) -> list[Task]:
+    def keep(self, tasks: list[Task], until: datetime | None = None) -> list[Task]:
+        """Remember `tasks`, just leased; the lease moved their poll time to `until`."""
         for task in tasks:
-            self._tasks[task.ref] = task
+            self._tasks[task.ref] = (task, until)
         while len(self._tasks) > self.size:  # leases never settled (abandoned): oldest first
             del self._tasks[next(iter(self._tasks))]
         return tasks
@@ -198,13 +201,30 @@ class Leased:
     def __contains__(self, ref: TaskRef) -> bool:
         return ref in self._tasks
 
+    def clear(self) -> None:
+        self._tasks.clear()
+
+    def held(self, ref: TaskRef) -> Task | None:
+        """The leased task as its row now is, for a store that knows the row was written
+        by nothing but the lease since (each write of a task reads it first, through `take`
+        or this, so an entry still here was not written by this store; another writer, or a
+        failed transaction, must `clear` them all). It is forgotten."""
+        entry = self._tasks.pop(ref, None)
+        if entry is None:
+            return None
+        task, until = entry
+        return task if task.next_poll_at == until else task.replace(next_poll_at=until)
+
     def take(
         self, ref: TaskRef, version: int, updated_at: datetime, next_poll_at: datetime | None
     ) -> Task | None:
         """The leased task, with the row's poll time, if the row (its `version` and last
         change) still holds it; else None. Either way it is forgotten."""
-        task = self._tasks.pop(ref, None)
-        if task is None or task.version != version or task.updated_at != updated_at:
+        entry = self._tasks.pop(ref, None)
+        if entry is None:
+            return None
+        task = entry[0]
+        if task.version != version or task.updated_at != updated_at:
             return None
         return (
             task if task.next_poll_at == next_poll_at else task.replace(next_poll_at=next_poll_at)

@@ -194,11 +194,13 @@ class WriterStats:
 
 class _Transaction:
     """`batch.Transaction` on the writer's connection, inside `BEGIN IMMEDIATE`: one writer
-    owns the file, so `lock` has nothing to do, and ids continue from the database's own."""
+    owns the file, so `lock` has nothing to do, and ids continue from the database's own.
+    `alone`: no other connection has committed since this store's last transaction."""
 
-    def __init__(self, db: sqlite3.Connection, leased: Leased) -> None:
+    def __init__(self, db: sqlite3.Connection, leased: Leased, alone: bool = False) -> None:
         self.db = db
         self.leased = leased
+        self.alone = alone
         # fetchall(): an unexhausted cursor keeps its statement open, and COMMIT refuses to
         # run while one is.
         [(last_seq, last_delivery)] = db.execute(_NEXT_IDS).fetchall()
@@ -237,10 +239,14 @@ class _Transaction:
     async def tasks(self, refs: Collection[TaskRef]) -> list[Task]:
         """The stored tasks among `refs`. One leased for a poll and unchanged since is the
         task the lease read (`rows.Leased`): its row's columns say so, and its JSON is not
-        read again (fifty JSON texts a poll exchange, for nothing)."""
+        read again (fifty JSON texts a poll exchange, for nothing). When nothing but this
+        store has written since the lease (`alone`), the row is not read at all."""
         found: list[Task] = []
         leased = {ref for ref in refs if ref in self.leased}
-        changed: list[TaskRef] = []
+        unread = [ref for ref in refs if ref not in leased]
+        if self.alone:
+            found.extend(task for ref in leased if (task := self.leased.held(ref)) is not None)
+            leased = set()
         for provider, chunk in _key_chunks(leased):
             sql = (
                 "SELECT task_id, version, updated_at, next_poll_at FROM tasks "
@@ -252,10 +258,10 @@ class _Transaction:
                     ref, version, from_epoch(updated_at), None if due is None else from_epoch(due)
                 )
                 if task is None:
-                    changed.append(ref)
+                    unread.append(ref)
                 else:
                     found.append(task)
-        for provider, chunk in _key_chunks([r for r in refs if r not in leased] + changed):
+        for provider, chunk in _key_chunks(unread):
             sql = (
                 "SELECT data, next_poll_at FROM tasks "
                 f"WHERE provider = ? AND task_id IN ({','.join('?' * len(chunk))})"
@@ -361,7 +367,7 @@ class _Transaction:
         ]
         if len(due) > 1:
             rows = heapq.nsmallest(limit, rows, key=lambda row: row[0])
-        tasks = self.leased.keep([_task(data, at) for at, data in rows])
+        tasks = self.leased.keep([_task(data, at) for at, data in rows], until)
         if tasks:
             # Only the poll time changes: the column alone (see `rows.task_from_json`).
             moved = epoch(until)
@@ -412,6 +418,9 @@ class SQLiteStore(Batched):
         self._all_readers: list[aiosqlite.Connection] = []
         self._writer = Writer(self._run)
         self._leased = Leased()
+        # The writer connection's `PRAGMA data_version` at its last transaction: it moves
+        # when another connection (`reconciler replay`) commits.
+        self._data_version = -1
         self._closing = False
         self._opened = False
         self._last_seq = 0
@@ -609,9 +618,15 @@ class SQLiteStore(Batched):
             # writer thread, under the busy timeout, instead of blocking the loop.
             await loop.run_in_executor(self._executor, _begin_waiting, db)
         try:
-            results, commit = await write_batch(_Transaction(db, self._leased), ops)
+            [(version,)] = db.execute("PRAGMA data_version").fetchall()
+            alone, self._data_version = version == self._data_version, version
+            if not alone:
+                self._leased.clear()  # another process wrote: its rows may be any
+            results, commit = await write_batch(_Transaction(db, self._leased, alone), ops)
             await loop.run_in_executor(self._executor, _commit, db)
         except BaseException:
+            # What this transaction leased or read of `_leased` is not what the rows hold.
+            self._leased.clear()
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise

@@ -197,3 +197,35 @@ async def test_times_and_event_bodies_move_to_their_new_form(tmp_path: Path) -> 
         (data,) = db.execute("SELECT data FROM tasks").fetchone()
         assert '"deadline_at":"2026-01-01T00:01:00.416000Z"' in data
         assert f'"metadata":{{"at":"{user_time}"}}' in data
+
+
+async def test_a_leased_task_written_by_another_process_is_read_again(tmp_path: Path) -> None:
+    """The writer knows a leased task without reading its row again only while nothing but
+    itself has written: a commit by another connection (`reconciler replay` runs as its own
+    process) is what the rule decides on."""
+    path = tmp_path / "db.sqlite"
+    ref = TaskRef("acedata", "leased")
+    seen: list[Task] = []
+
+    def record(task: Task | None) -> Change | None:
+        assert task is not None
+        seen.append(task)
+        return None
+
+    async with SQLiteStore(path) as store:
+        await store.apply([ref], creating(ref))
+        [leased] = await store.lease_due(NOW + timedelta(seconds=60), 10, 30)
+        other = sqlite3.connect(path)
+        with other:
+            other.execute(
+                "UPDATE tasks SET data = json_set(data, '$.progress', 40) WHERE task_id = ?",
+                (ref.task_id,),
+            )
+        other.close()
+        await store.apply([ref], record)
+        # Left alone, a leased task reads back as leased, with the lease's poll time.
+        [again] = await store.lease_due(NOW + timedelta(seconds=90), 10, 30)
+        await store.apply([ref], record)
+    assert leased.progress is None and seen[0].progress == 40
+    assert seen[0].next_poll_at == NOW + timedelta(seconds=90)  # the lease's column
+    assert seen[1] == again.replace(next_poll_at=NOW + timedelta(seconds=120))
