@@ -103,9 +103,9 @@ class Metrics:
         """Count one webhook delivery."""
         _child(self._delivered, self.deliveries, provider, outcome).inc()
 
-    def polled(self, provider: str, outcome: str) -> None:
-        """Count one task's poll result."""
-        _child(self._polled, self.polls, provider, outcome).inc()
+    def polled(self, provider: str, outcome: str, tasks: int = 1) -> None:
+        """Count the poll results of `tasks` tasks."""
+        _child(self._polled, self.polls, provider, outcome).inc(tasks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -291,7 +292,8 @@ class Service:
         change = merge(task, observation, now, source, self.settings.progress_event_interval)
         updated = change.task
         if source is Source.POLL:
-            updated = updated.replace(poll_failures=0)
+            if updated.poll_failures:
+                updated = updated.replace(poll_failures=0)
             if schedule.result_missing_expired(updated, now, timing):
                 failed = fail(updated, now, RESULT_MISSING_ERROR)
                 if failed is not None:
@@ -387,12 +389,16 @@ class Service:
         error), as one store operation. Per task: the task as written (None if it was gone
         or already terminal), or the exception its rule raised."""
         now = self.clock.now()
+        outcomes = Counter(
+            (task.provider, "observed" if result.error is None else result.error.outcome)
+            for task, result in zip(tasks, results, strict=True)
+        )
+        for (provider, outcome), count in outcomes.items():
+            self.metrics.polled(provider, outcome, count)
 
         def deciding(task: Task, result: PollResult) -> Applying:
             ref = task.ref
             timing = self.timings[ref.provider]
-            outcome = result.error.outcome if result.error is not None else "observed"
-            self.metrics.polled(ref.provider, outcome)
 
             def decide(current: Task | None) -> Change | None:
                 if current is None or current.terminal:
@@ -436,8 +442,8 @@ class Service:
         provider said). Returns the tasks as written (None for those gone or terminal)."""
         delay = error.delay
         now = self.clock.now()
-        for task in tasks:
-            self.metrics.polled(task.provider, error.outcome)
+        for provider, count in Counter(task.provider for task in tasks).items():
+            self.metrics.polled(provider, error.outcome, count)
         timing_of = self.timings
 
         def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
@@ -475,8 +481,8 @@ class Service:
         outcome."""
         now = self.clock.now()
         if met is not None:
-            for task in tasks:
-                self.metrics.polled(task.provider, met.outcome)
+            for provider, count in Counter(task.provider for task in tasks).items():
+                self.metrics.polled(provider, met.outcome, count)
 
         def hold(leased_until: datetime | None) -> Callable[[Task | None], Change | None]:
             def decide(current: Task | None) -> Change | None:

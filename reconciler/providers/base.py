@@ -286,6 +286,8 @@ def timestamp(value: object) -> datetime | None:
     """A provider timestamp as aware UTC: epoch milliseconds, seconds or float seconds
     (told apart by magnitude), ISO 8601, or naive `YYYY-MM-DD HH:MM:SS` (read as UTC).
     Zero and garbage give None."""
+    if value is None:  # most records lack most of their times
+        return None
     if isinstance(value, str):
         stripped = value.strip()
         if _NAIVE.match(stripped):

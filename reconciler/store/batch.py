@@ -22,7 +22,9 @@ decides what a delivery means nor how an answer looks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -138,6 +140,10 @@ class TaskRow:
 
 # What a poll that learns nothing new changes in a task, besides its poll time.
 COUNTERS = ("polls", "version", "poll_failures")
+# Every other field of a task, but its poll time.
+_BESIDES_COUNTERS = operator.attrgetter(
+    *(f.name for f in dataclasses.fields(Task) if f.name not in (*COUNTERS, "next_poll_at"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,10 +497,7 @@ def _run(batch: _Batch, op: Op, plan: _Plan, new_ids: Any) -> object:
 
 def _counters_only(stored: Task | None, updated: Task) -> bool:
     """Whether `updated` differs from the stored task in its counters and poll time only."""
-    if stored is None:
-        return False
-    same = {name: getattr(stored, name) for name in COUNTERS}
-    return updated.replace(next_poll_at=stored.next_poll_at, **same) == stored
+    return stored is not None and _BESIDES_COUNTERS(updated) == _BESIDES_COUNTERS(stored)
 
 
 def _interpret(interpret: Interpret, delivery: NewDelivery) -> Accepted | Rejected:
