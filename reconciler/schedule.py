@@ -45,6 +45,20 @@ class Timing:
         return self.not_found_grace
 
 
+class OneDraw(random.Random):
+    """A random source that gives one draw of `rng` again and again: the tasks that one
+    exchange polled get one jitter, and so fall due together again (one batch, the next time
+    too, whose rows and index entries lie side by side), while each exchange's tasks still
+    spread apart from every other's."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__(0)
+        self._draw = rng.random()
+
+    def random(self) -> float:
+        return self._draw
+
+
 def _at(task: Task, when: datetime) -> datetime:
     return min(when, task.deadline_at)
 

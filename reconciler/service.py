@@ -283,6 +283,7 @@ class Service:
         observation: Observation,
         source: Source,
         now: datetime,
+        rng: random.Random | None = None,
     ) -> Change:
         timing = self.timings[ref.provider]
         created = task is None
@@ -298,7 +299,7 @@ class Service:
                 failed = fail(updated, now, RESULT_MISSING_ERROR)
                 if failed is not None:
                     return self._planned(failed, None)
-            next_at = schedule.after_poll(updated, now, timing, self.rng)
+            next_at = schedule.after_poll(updated, now, timing, rng or self.rng)
         elif created or change.event is not None or updated.next_poll_at is None:
             next_at = schedule.first_poll(updated, now, timing)  # the webhook re-plans
         else:
@@ -395,6 +396,7 @@ class Service:
         )
         for (provider, outcome), count in outcomes.items():
             self.metrics.polled(provider, outcome, count)
+        rng = schedule.OneDraw(self.rng)  # one jitter for the exchange's tasks
 
         def deciding(task: Task, result: PollResult) -> Applying:
             ref = task.ref
@@ -406,9 +408,10 @@ class Service:
                 # The answer first, then the deadline: a poll at the deadline is the task's
                 # last look, and a video finished by then is kept rather than thrown away.
                 if result.observation is not None:
-                    change = self._observe(ref, current, result.observation, Source.POLL, now)
+                    observation = result.observation
+                    change = self._observe(ref, current, observation, Source.POLL, now, rng)
                 else:
-                    change = self._task_error(current, result.error, now, timing)
+                    change = self._task_error(current, result.error, now, timing, rng)
                 return _expired_at_deadline(current, change, now)
 
             return Applying([ref], decide)
@@ -419,7 +422,12 @@ class Service:
         return [_written(result) for result in applied]
 
     def _task_error(
-        self, current: Task, error: ProviderError | None, now: datetime, timing: Timing
+        self,
+        current: Task,
+        error: ProviderError | None,
+        now: datetime,
+        timing: Timing,
+        rng: random.Random,
     ) -> Change:
         """A poll whose answer concerned this task but carried no observation of it."""
         counted = current.replace(
@@ -431,10 +439,10 @@ class Service:
             if schedule.not_found_expired(current, now, timing):
                 failed = fail(counted, now, NOT_FOUND_ERROR)
                 return self._planned(failed or Change(counted, None), None)
-            next_at = schedule.after_not_found(counted, now, timing, self.rng)
+            next_at = schedule.after_not_found(counted, now, timing, rng)
             return self._planned(Change(counted, None), next_at)
         delay = error.delay if error is not None else None
-        next_at = schedule.after_error(current, now, timing, self.rng, delay)
+        next_at = schedule.after_error(current, now, timing, rng, delay)
         return self._planned(Change(counted, None), next_at)
 
     async def poll_failed(self, tasks: Sequence[Task], error: ProviderError) -> list[Task | None]:
@@ -445,6 +453,7 @@ class Service:
         for provider, count in Counter(task.provider for task in tasks).items():
             self.metrics.polled(provider, error.outcome, count)
         timing_of = self.timings
+        rng = schedule.OneDraw(self.rng)  # one jitter for the exchange's tasks
 
         def backoff(ref: TaskRef) -> Callable[[Task | None], Change | None]:
             def decide(current: Task | None) -> Change | None:
@@ -453,7 +462,7 @@ class Service:
                 timing = timing_of[ref.provider]
                 failures = current.poll_failures + 1
                 counted = current.replace(poll_failures=failures, version=current.version + 1)
-                next_at = schedule.after_error(current, now, timing, self.rng, delay)
+                next_at = schedule.after_error(current, now, timing, rng, delay)
                 # A failed last look is the end: planned at the deadline, it would be due
                 # again at once, and polled again, for as long as the provider fails.
                 planned = self._planned(Change(counted, None), next_at)

@@ -237,6 +237,37 @@ async def test_due_tasks_are_batched(tmp_path: Path, clock: FakeClock, sim: Simu
         assert all(task.status is Status.COMPLETED for task in await h.tasks(refs))
 
 
+async def test_the_tasks_of_one_exchange_fall_due_together_again(
+    tmp_path: Path, clock: FakeClock, sim: Simulator
+) -> None:
+    """One jitter per exchange: its tasks are due again at one time, so that they make one
+    batch again (with their rows and index entries side by side), while the tasks of
+    another exchange are spread apart from them."""
+    async with harness(tmp_path, clock, sim) as h:
+        groups: list[list[tuple[str, str]]] = []
+        for _ in range(2):
+            group = []
+            for _ in range(5):
+                created = sim.create_task("acedata", finish_after=3600)
+                group.append(await register(h, "acedata", created.task_id, "text2video"))
+            groups.append(group)
+            clock.advance(10)
+        offsets = []
+        for group in groups:
+            due = min(task.next_poll_at for task in await h.tasks(group) if task.next_poll_at)
+            clock.set(max(due, clock.now()))
+            polled_at = clock.now()
+            report = await h.loop.run_once()
+            assert report.batches == 1 and report.settled == len(group)
+            planned = {task.next_poll_at for task in await h.tasks(group)}
+            assert len(planned) == 1  # the exchange's five tasks: one time
+            [at] = planned
+            assert at is not None
+            offsets.append((at - polled_at).total_seconds())
+        assert len(set(offsets)) == 2  # each exchange drew its own jitter
+        assert all(15 * 0.8 <= offset <= 15 * 1.2 for offset in offsets)
+
+
 async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
     """`POST /tasks/…/poll` is a commit (the task due now) that rings the sleeping loop's
     alarm, and a wait for the task to change: the loop polls it, within its provider's

@@ -123,6 +123,18 @@ def test_jitter_spreads_tasks_apart() -> None:
     assert len(values) > 40
 
 
+def test_one_draw_gives_one_exchange_one_jitter() -> None:
+    """The tasks one exchange polled fall due together again; another exchange draws anew."""
+    rng = random.Random(3)
+    one, other = schedule.OneDraw(rng), schedule.OneDraw(rng)
+    seconds = {backoff(1, TIMING, one) for _ in range(5)}
+    assert len(seconds) == 1
+    [first] = seconds
+    assert 15 * (1 - JITTER) <= first <= 15 * (1 + JITTER)
+    assert backoff(1, TIMING, other) != first
+    assert backoff(2, TIMING, one) == pytest.approx(2 * first)  # the same draw, scaled
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     attempt=st.integers(-3, 80),
