@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import aiohttp
 import httpx
 
 from reconciler.errors import ProviderError, ServerError, Timeout, Verdict
@@ -149,27 +150,26 @@ async def _send(
 ) -> httpx.Response:
     name = lane.name
     seconds = lane.provider.settings.request_timeout
-    request.extensions["timeout"] = httpx.Timeout(seconds).as_dict()
-    async with lane.connection() as client:
-        started = time.perf_counter()
-        status = "error"
-        try:
-            async with asyncio.timeout(seconds):
-                response = await client.send(request, auth=lane.auth)
-            status = str(response.status_code)
-            return response
-        except (TimeoutError, httpx.TimeoutException):
-            status = "timeout"
-            raise Timeout(f"{name}: no answer within {seconds:g} s") from None
-        except httpx.HTTPError as error:
-            # Connection refused, reset, protocol errors: the provider is not answering.
-            raise ServerError(f"{name}: {type(error).__name__}: {error}") from None
-        finally:
-            # The path only: never headers (Authorization) in logs.
-            logger.debug("%s %s %s -> %s", name, request.method, request.url.path, status)
-            sent[name] += 1
-            metrics.provider_requests.labels(name, status).inc()
-            metrics.provider_latency.labels(name).observe(time.perf_counter() - started)
+    started = time.perf_counter()
+    status = "error"
+    try:
+        async with asyncio.timeout(seconds):
+            response = await lane.send(request)
+        status = str(response.status_code)
+        return response
+    except TimeoutError:
+        status = "timeout"
+        raise Timeout(f"{name}: no answer within {seconds:g} s") from None
+    except (aiohttp.ClientError, httpx.HTTPError, OSError) as error:
+        # Connection refused, reset, protocol errors, a body that does not decode: the
+        # provider is not answering.
+        raise ServerError(f"{name}: {type(error).__name__}: {error}") from None
+    finally:
+        # The path only: never headers (Authorization) in logs.
+        logger.debug("%s %s %s -> %s", name, request.method, request.url.path, status)
+        sent[name] += 1
+        metrics.provider_requests.labels(name, status).inc()
+        metrics.provider_latency.labels(name).observe(time.perf_counter() - started)
 
 
 def _start(provider: Provider, tasks: Sequence[Task]) -> PollFlow:

@@ -1,0 +1,96 @@
+"""A lane's connections (`polling.lane.Lane.send`), against a live server on loopback: the
+provider's auth flow, redirects not followed, bodies decoded by their headers."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from reconciler.clock import FakeClock
+from reconciler.config import Settings
+from reconciler.polling.lane import Lane
+from reconciler.providers import PROVIDERS
+from reconciler.runtime import bind
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Recorder:
+    """An ASGI app that records each request's path and Authorization header and answers
+    from `answers` in turn: (status, headers, body)."""
+
+    def __init__(self, answers: list[tuple[int, list[tuple[bytes, bytes]], bytes]]) -> None:
+        self.answers = answers
+        self.seen: list[tuple[str, str | None]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        while (await receive()).get("more_body"):
+            pass
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization")
+        self.seen.append((scope["path"], auth.decode() if auth else None))
+        status, extra, body = self.answers[min(len(self.seen), len(self.answers)) - 1]
+        await send({"type": "http.response.start", "status": status, "headers": extra})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+async def live() -> AsyncIterator[Callable[[Recorder], Awaitable[str]]]:
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(app: Recorder) -> str:
+        sock = bind("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        servers.append((server, task))
+        # The socket listens already: a request made before the server runs waits for it.
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await task
+
+
+def kling_lane(url: str) -> Lane:
+    settings = Settings.from_environ(
+        {"KLING_ACCESS_KEY": "ak", "KLING_SECRET_KEY": "sk", "KLING_BASE_URL": url}
+    )
+    lane = Lane(PROVIDERS["kling"](settings.providers["kling"], FakeClock()), FakeClock())
+    lane.open()
+    return lane
+
+
+async def test_a_401_goes_back_through_the_auth_flow_once(live: Any) -> None:
+    """Kling's auth re-mints its token after a 401 and sends the request again."""
+    app = Recorder([(401, [], b'{"code":1004}'), (200, [], b'{"code":0}')])
+    lane = kling_lane(await live(app))
+    try:
+        response = await lane.send(httpx.Request("GET", f"{lane.provider.base_url}/v1/x"))
+    finally:
+        await lane.close()
+    assert response.status_code == 200 and response.json() == {"code": 0}
+    assert [path for path, _ in app.seen] == ["/v1/x", "/v1/x"]
+    assert all(auth and auth.startswith("Bearer ey") for _, auth in app.seen)
+
+
+async def test_a_redirect_is_answered_not_followed_and_bodies_are_decoded(live: Any) -> None:
+    redirect = (302, [(b"location", b"/elsewhere")], b"")
+    zipped = (200, [(b"content-encoding", b"gzip")], gzip.compress(b'{"code":0}'))
+    app = Recorder([redirect, zipped])
+    lane = kling_lane(await live(app))
+    try:
+        moved = await lane.send(httpx.Request("GET", f"{lane.provider.base_url}/v1/a"))
+        decoded = await lane.send(httpx.Request("GET", f"{lane.provider.base_url}/v1/b"))
+    finally:
+        await lane.close()
+    assert moved.status_code == 302 and [path for path, _ in app.seen] == ["/v1/a", "/v1/b"]
+    assert decoded.json() == {"code": 0}
