@@ -94,3 +94,22 @@ async def test_a_redirect_is_answered_not_followed_and_bodies_are_decoded(live: 
         await lane.close()
     assert moved.status_code == 302 and [path for path, _ in app.seen] == ["/v1/a", "/v1/b"]
     assert decoded.json() == {"code": 0}
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    live: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with an httpx client: `HTTP_PROXY` is used, except for the hosts `NO_PROXY` names."""
+    proxy = Recorder([(200, [], b'{"via":"proxy"}')])
+    direct = Recorder([(200, [], b'{"via":"direct"}')])
+    monkeypatch.setenv("HTTP_PROXY", await live(proxy))
+    direct_url = await live(direct)
+    for no_proxy, url in [("localhost", "http://provider.invalid"), ("127.0.0.1", direct_url)]:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        lane = kling_lane(url)  # provider.invalid: reachable only through the proxy
+        try:
+            response = await lane.send(httpx.Request("GET", f"{url}/v1/x"))
+        finally:
+            await lane.close()
+        assert response.json() == {"via": "proxy" if no_proxy == "localhost" else "direct"}
+    assert [path for path, _ in proxy.seen] == [path for path, _ in direct.seen] == ["/v1/x"]

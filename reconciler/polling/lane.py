@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import urllib.request
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Lane:
         self.limits = ProviderLimits.from_settings(provider.settings)
         self.auth: httpx.Auth | None = None
         self._session: aiohttp.ClientSession | None = None  # see `open`
+        self._proxy: str | None = None
         # Batches that may start as soon as an exchange ends (room, or a probe's verdict),
         # in arrival order.
         self._room_waiters: deque[asyncio.Event] = deque()
@@ -94,9 +96,10 @@ class Lane:
         the requests go out through aiohttp, whose HTTP parser is C: an httpx client took
         about 0.9 ms of CPU a request (its pool, httpcore, h11 and anyio, all Python),
         aiohttp 0.25 ms, on a 50-task AceData batch (bench/capacity.py and burst.py).
-        Like an httpx client by default, it follows no redirect and keeps no cookie; it
-        reads proxies from the environment, and the TLS context is httpx's
-        (`SSL_CERT_FILE`, certifi's bundle)."""
+        Like an httpx client by default, it follows no redirect and keeps no cookie, takes
+        its proxy from the environment (`HTTPS_PROXY`, `NO_PROXY`, ...; read here once, not
+        on every request as aiohttp's `trust_env` would, with `~/.netrc` on a thread), and
+        the TLS context is httpx's (`SSL_CERT_FILE`, certifi's bundle)."""
         self.auth = self.provider.auth()
         connector = aiohttp.TCPConnector(
             limit=max(1, self.provider.settings.concurrency), ssl=httpx.create_ssl_context()
@@ -106,8 +109,10 @@ class Lane:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # httpx.Response decodes the body, by its headers
             timeout=aiohttp.ClientTimeout(total=None),  # the exchange times each request
-            trust_env=True,
         )
+        base = httpx.URL(self.provider.settings.base_url or "")
+        bypass = not base.host or urllib.request.proxy_bypass(base.host)
+        self._proxy = None if bypass else urllib.request.getproxies().get(base.scheme)
 
     async def close(self) -> None:
         session, self._session = self._session, None
@@ -122,12 +127,12 @@ class Lane:
             if self._session is None:
                 raise RuntimeError("the lane is not open")
             if self.auth is None:
-                return await _send(self._session, request)
+                return await _send(self._session, request, self._proxy)
             flow = self.auth.async_auth_flow(request)
             try:
                 request = await anext(flow)
                 while True:
-                    response = await _send(self._session, request)
+                    response = await _send(self._session, request, self._proxy)
                     try:
                         request = await flow.asend(response)
                     except StopAsyncIteration:
@@ -220,13 +225,16 @@ class Lane:
             wake.set()
 
 
-async def _send(session: aiohttp.ClientSession, request: httpx.Request) -> httpx.Response:
+async def _send(
+    session: aiohttp.ClientSession, request: httpx.Request, proxy: str | None
+) -> httpx.Response:
     async with session.request(
         request.method,
         str(request.url),
         headers=request.headers,
         data=request.content or None,
         allow_redirects=False,
+        proxy=proxy,
     ) as answer:
         body = await answer.read()
     return httpx.Response(answer.status, headers=answer.raw_headers, content=body, request=request)
