@@ -49,6 +49,8 @@ _NEVER = datetime.max.replace(tzinfo=UTC)
 LEADERSHIP_RETRY_SECONDS = 1.0
 # A pass the store failed (full disk, database gone) is tried again after this.
 STORE_RETRY_SECONDS = 5.0
+# Passes for polls falling due later begin at least this far apart (`_next_look`).
+PASS_INTERVAL_SECONDS = 0.05
 
 # The loop's lock, from the store: entering waits until this process may run the loop; the
 # Event it yields is set if that may have ended.
@@ -534,13 +536,20 @@ async def _ring_on(lost: asyncio.Event, alarm: Alarm) -> None:
 
 
 def _next_look(due: datetime | None, report: PassReport, now: datetime) -> datetime | None:
-    """When the loop looks at the schedule again after `report`'s pass: at the earliest
-    due poll; but while a provider waits for room, its backlog is that poll, and it is
-    looked at when one of its exchanges ends (the alarm) or, for the other providers' polls
-    falling due meanwhile, within the horizon."""
-    if not report.full or report.more or due is None:
-        return due
-    return max(due, after(now, WAIT_HORIZON_SECONDS))
+    """When the loop looks at the schedule again after `report`'s pass (which began at
+    `now`): at the earliest due poll; but while a provider waits for room, its backlog is
+    that poll, and it is looked at when one of its exchanges ends (the alarm) or, for the
+    other providers' polls falling due meanwhile, within the horizon. A poll due in the
+    future waits until `PASS_INTERVAL_SECONDS` after this pass began, so that polls falling
+    due one after another (thousands a second in a burst) are leased a pass's worth at a
+    time, not one pass (a lease, a commit) each; what is already due is looked at at once."""
+    if due is None:
+        return None
+    if report.full and not report.more:
+        due = max(due, after(now, WAIT_HORIZON_SECONDS))
+    if due > now:
+        due = max(due, after(now, PASS_INTERVAL_SECONDS))
+    return due
 
 
 def _batches(provider: Provider, tasks: Sequence[Task]) -> list[list[Task]]:

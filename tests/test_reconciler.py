@@ -33,7 +33,12 @@ from reconciler.limits import (
 )
 from reconciler.model import Change, Observation, Source, Status, Task, TaskRef
 from reconciler.providers import PollResult
-from reconciler.reconciler import STORE_RETRY_SECONDS, PassReport, Reconciler
+from reconciler.reconciler import (
+    PASS_INTERVAL_SECONDS,
+    STORE_RETRY_SECONDS,
+    PassReport,
+    Reconciler,
+)
 from reconciler.service import NOT_FOUND_ERROR, RESULT_MISSING_ERROR, Service
 from reconciler.simulator import Faults, RecordedRequest, Simulator
 from reconciler.simulator import auth as sim_auth
@@ -718,6 +723,42 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
             assert all(task.polls == 1 for task in await h.tasks(refs))
             times = sorted(r.at - start for r in sent)
             assert times == [timedelta(seconds=n / 10) for n in range(10)]
+        finally:
+            h.loop.stop()
+            async with asyncio.timeout(10):
+                await running
+
+
+async def test_polls_falling_due_one_after_another_are_leased_a_pass_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Ten AceData tasks fall due 10 ms apart (a burst's polls fall due thousands a second):
+    `run()` does not chase each due time with a pass of its own (a lease and a commit for
+    one task), but looks again `PASS_INTERVAL_SECONDS` after the pass before. Three batches
+    instead of ten requests, and none polled later than that interval after its due time."""
+    clock = WatchedClock()
+    async with (
+        Simulator(clock=clock, seed=5).serve() as sim,
+        harness(tmp_path, clock, sim, env={"ACEDATA_RATE_LIMIT": "1000"}) as h,
+    ):
+        refs = []
+        for _ in range(10):
+            created = sim.create_task("acedata", finish_after=3600)
+            refs.append(await register(h, "acedata", created.task_id, "text2video"))
+            clock.advance(0.01)
+        due = {ref[1]: (await h.task(*ref)).next_poll_at for ref in refs}
+        running = asyncio.create_task(h.loop.run())
+        try:
+            for count in (1, 6, 10):
+                await clock.until(lambda: bool(clock.sleeping))
+                clock.set(max(clock.now(), clock.next_wake()))
+                await polled(h, refs, count)
+            sent = requests_of(sim, "acedata")
+            assert [len(r.task_ids) for r in sent] == [1, 5, 4]
+            for request in sent:
+                for task_id in request.task_ids:
+                    late = (request.at - due[task_id]).total_seconds()
+                    assert 0 <= late <= PASS_INTERVAL_SECONDS + 1e-6
         finally:
             h.loop.stop()
             async with asyncio.timeout(10):
