@@ -135,6 +135,16 @@ async def register(h: Harness, provider: str, task_id: str, action: str) -> tupl
     return provider, task_id
 
 
+async def register_apart(h: Harness, count: int, seconds: float) -> list[tuple[str, str]]:
+    """`count` AceData tasks that stay running, registered `seconds` of the clock apart."""
+    refs = []
+    for _ in range(count):
+        created = h.sim.create_task("acedata", finish_after=3600)
+        refs.append(await register(h, "acedata", created.task_id, "text2video"))
+        h.clock.advance(seconds)
+    return refs
+
+
 # --- recovery by polling -----------------------------------------------------------------
 
 
@@ -741,12 +751,8 @@ async def test_polls_falling_due_one_after_another_are_leased_a_pass_at_a_time(
         Simulator(clock=clock, seed=5).serve() as sim,
         harness(tmp_path, clock, sim, env={"ACEDATA_RATE_LIMIT": "1000"}) as h,
     ):
-        refs = []
-        for _ in range(10):
-            created = sim.create_task("acedata", finish_after=3600)
-            refs.append(await register(h, "acedata", created.task_id, "text2video"))
-            clock.advance(0.01)
-        due = {ref[1]: (await h.task(*ref)).next_poll_at for ref in refs}
+        refs = await register_apart(h, 10, 0.01)
+        due = {task.task_id: task.next_poll_at or task.created_at for task in await h.tasks(refs)}
         running = asyncio.create_task(h.loop.run())
         try:
             for count in (1, 6, 10):
@@ -1035,11 +1041,7 @@ async def test_run_fills_a_waiting_batch_with_tasks_that_fall_due_meanwhile(
         Simulator(clock=clock, seed=3).serve() as sim,
         harness(tmp_path, clock, sim, env={"ACEDATA_RATE_LIMIT": "5"}) as h,
     ):
-        refs = []
-        for _ in range(100):
-            created = sim.create_task("acedata", finish_after=3600)
-            refs.append(await register(h, "acedata", created.task_id, "text2video"))
-            clock.advance(0.001)  # due one millisecond apart
+        refs = await register_apart(h, 100, 0.001)  # due one millisecond apart
         running = asyncio.create_task(h.loop.run())
         try:
             clock.advance(FIRST_POLL_AFTER - 0.1)
