@@ -93,9 +93,9 @@ class Lane:
         whose connections hang cannot take the sockets another one needs.
 
         The adapters speak `httpx` (they yield `httpx.Request`s and read `httpx.Response`s);
-        the requests go out through aiohttp, whose HTTP parser is C: an httpx client took
-        about 0.9 ms of CPU a request (its pool, httpcore, h11 and anyio, all Python),
-        aiohttp 0.25 ms, on a 50-task AceData batch (bench/capacity.py and burst.py).
+        the requests go out through aiohttp, whose HTTP parser is C: an httpx client (its
+        pool, httpcore, h11 and anyio, all Python) took twice the CPU of this per 50-task
+        AceData request, the request's building included (bench/http_client.py).
         Like an httpx client by default, it follows no redirect and keeps no cookie, takes
         its proxy from the environment (`HTTPS_PROXY`, `NO_PROXY`, ...; read here once, not
         on every request as aiohttp's `trust_env` would, with `~/.netrc` on a thread), and
