@@ -1,10 +1,12 @@
-"""A lane's connections (`polling.lane.Lane.send`), against a live server on loopback: the
-provider's auth flow, redirects not followed, bodies decoded by their headers."""
+"""A lane's connections (`polling.lane.Lane.send`), against live servers on loopback: the
+provider's auth flow, redirects not followed, bodies decoded by their headers, the proxy
+from the environment, and what a provider that does not speak HTTP does to an exchange."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,9 +16,14 @@ import uvicorn
 
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
+from reconciler.errors import ServerError, Verdict
+from reconciler.metrics import Metrics
+from reconciler.model import Source, TaskRef
+from reconciler.polling.exchange import exchange
 from reconciler.polling.lane import Lane
 from reconciler.providers import PROVIDERS
 from reconciler.runtime import bind
+from reconciler.state import new_task
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -113,3 +120,54 @@ async def test_requests_go_through_the_proxy_the_environment_names(
             await lane.close()
         assert response.json() == {"via": "proxy" if no_proxy == "localhost" else "direct"}
     assert [path for path, _ in proxy.seen] == [path for path, _ in direct.seen] == ["/v1/x"]
+
+
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1024)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("handler", [close_at_once, answer_garbage, None])
+async def test_a_provider_that_does_not_speak_http_fails_the_exchange_not_the_loop(
+    handler: Any,
+) -> None:
+    """A connection closed at once, an answer that is not HTTP, a port nobody listens on:
+    the exchange ends with a `ServerError` for its tasks (backoff, breaker), whatever the
+    HTTP client raised."""
+    if handler is None:
+        unused = bind("127.0.0.1", 0)  # bound, never listening: connections are refused
+        port = unused.getsockname()[1]
+        unused.close()
+        server = None
+    else:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+    settings = Settings.from_environ(
+        {"ACEDATA_API_TOKEN": "t", "ACEDATA_BASE_URL": f"http://127.0.0.1:{port}"}
+    )
+    clock = FakeClock()
+    lane = Lane(PROVIDERS["acedata"](settings.providers["acedata"], clock), clock)
+    lane.open()
+    tasks = [
+        new_task(TaskRef("acedata", f"t{n}"), "text2video", clock.now(), 3600, Source.REGISTER)
+        for n in range(3)
+    ]
+    permit = lane.limits.start(clock.now())
+    assert permit is not None
+    try:
+        ending = await exchange(
+            lane, permit, tasks, stop=asyncio.Event(), metrics=Metrics(), sent=Counter()
+        )
+    finally:
+        await lane.close()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    assert ending.results is None and isinstance(ending.error, ServerError)
+    assert ending.error.verdict is Verdict.FAILED
