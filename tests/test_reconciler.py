@@ -135,6 +135,18 @@ async def register(h: Harness, provider: str, task_id: str, action: str) -> tupl
     return provider, task_id
 
 
+@contextlib.asynccontextmanager
+async def loop_running(h: Harness) -> AsyncIterator[asyncio.Task[None]]:
+    """`h.loop.run()` as a task for the block; stopped, and awaited (within 10 s), after it."""
+    running = asyncio.create_task(h.loop.run())
+    try:
+        yield running
+    finally:
+        h.loop.stop()
+        async with asyncio.timeout(10):
+            await running
+
+
 async def register_apart(h: Harness, count: int, seconds: float) -> list[tuple[str, str]]:
     """`count` AceData tasks that stay running, registered `seconds` of the clock apart."""
     refs = []
@@ -291,14 +303,9 @@ async def test_poll_now_goes_through_the_loop(tmp_path: Path) -> None:
     async with Simulator(clock=clock, seed=3).serve() as sim, harness(tmp_path, clock, sim) as h:
         created = sim.create_task("acedata", finish_after=30)
         ref = await register(h, "acedata", created.task_id, "text2video")
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             clock.advance(10)  # not due for another 50 s: the API asks for it
             response = await h.served.client.post(f"/tasks/acedata/{created.task_id}/poll")
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
         assert response.status_code == 200, response.text
         task = response.json()
@@ -683,12 +690,11 @@ async def test_a_restart_loses_no_schedule(
 async def test_run_sleeps_until_due_and_stops_cleanly(tmp_path: Path) -> None:
     clock = FakeClock()  # a plain one: `run()` really sleeps on it until the test moves it
     async with Simulator(clock=clock, seed=2).serve() as sim, harness(tmp_path, clock, sim) as h:
-        running = asyncio.create_task(h.loop.run())
-        refs = []
-        for provider, action in [("acedata", "text2video")] * 3 + [("kling", "text2video")] * 3:
-            created = sim.create_task(provider, action=action, finish_after=30)
-            refs.append(await register(h, provider, created.task_id, action))
-        try:
+        async with loop_running(h):
+            refs = []
+            for provider, action in [("acedata", "text2video")] * 3 + [("kling", "text2video")] * 3:
+                created = sim.create_task(provider, action=action, finish_after=30)
+                refs.append(await register(h, provider, created.task_id, action))
             clock.advance(FIRST_POLL_AFTER)  # wakes the loop's sleep: everything is due
             async with asyncio.timeout(10):
                 while True:
@@ -700,10 +706,6 @@ async def test_run_sleeps_until_due_and_stops_cleanly(tmp_path: Path) -> None:
             assert [r.kind for r in requests_of(sim, "acedata")] == ["batch"]
             assert [r.kind for r in requests_of(sim, "kling")] == ["list"]
             assert all(r.at == clock.now() for r in sim.requests if r.kind != "create")
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
         assert not h.service.health.loop_running
 
 
@@ -720,8 +722,7 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
         for _ in range(10):
             created = sim.create_task("kie", action="jobs", finish_after=30)
             refs.append(await register(h, "kie", created.task_id, "jobs"))
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             clock.advance(FIRST_POLL_AFTER)
             start = clock.now()
             await polled(h, refs, 1)  # the first batch went at once; the others wait
@@ -733,10 +734,6 @@ async def test_run_keeps_a_burst_in_memory_at_the_provider_rate(tmp_path: Path) 
             assert all(task.polls == 1 for task in await h.tasks(refs))
             times = sorted(r.at - start for r in sent)
             assert times == [timedelta(seconds=n / 10) for n in range(10)]
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
 
 async def test_polls_falling_due_one_after_another_are_leased_a_pass_at_a_time(
@@ -753,8 +750,7 @@ async def test_polls_falling_due_one_after_another_are_leased_a_pass_at_a_time(
     ):
         refs = await register_apart(h, 10, 0.01)
         due = {task.task_id: task.next_poll_at or task.created_at for task in await h.tasks(refs)}
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             for count in (1, 6, 10):
                 await clock.until(lambda: bool(clock.sleeping))
                 clock.set(max(clock.now(), clock.next_wake()))
@@ -765,10 +761,6 @@ async def test_polls_falling_due_one_after_another_are_leased_a_pass_at_a_time(
                 for task_id in request.task_ids:
                     late = (request.at - due[task_id]).total_seconds()
                     assert 0 <= late <= PASS_INTERVAL_SECONDS + 1e-6
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
 
 async def test_a_provider_without_room_leaves_its_backlog_due_and_holds_up_no_other(
@@ -794,8 +786,7 @@ async def test_a_provider_without_room_leaves_its_backlog_due_and_holds_up_no_ot
         created = sim.create_task("cometapi", action="text2video", finish_after=300)
         comet = [await register(h, "cometapi", created.task_id, "text2video")]
         due = {ref: (await h.task(*ref)).next_poll_at for ref in kie}
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             clock.advance(FIRST_POLL_AFTER)
             start = clock.now()
             await polled(h, comet, 1)
@@ -811,10 +802,6 @@ async def test_a_provider_without_room_leaves_its_backlog_due_and_holds_up_no_ot
             assert all(task.polls == 1 for task in await h.tasks(kie))
             times = sorted(r.at - start for r in requests_of(sim, "kie"))
             assert times == [timedelta(seconds=n / 10) for n in range(20)]
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
 
 class WatchedClock(FakeClock):
@@ -878,8 +865,7 @@ async def test_run_starts_the_batches_a_probe_held_as_soon_as_it_succeeds(
         limits = h.loop.limits["kling"]
         for _ in range(BREAKER_THRESHOLD):  # as five failed exchanges would
             limits.breaker.record_failure(clock.now())
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             clock.advance(FIRST_POLL_AFTER)  # past the cool-down: the probe and the rest
             due = clock.now()
             # The probe waits for its second token, the first of the others for its slot.
@@ -893,10 +879,6 @@ async def test_run_starts_the_batches_a_probe_held_as_soon_as_it_succeeds(
             assert [r.kind for r in sent[:2]] == ["query", "list"]  # the probe
             assert limits.breaker.state is BreakerState.CLOSED
             assert all(task.polls == 1 for task in await h.tasks(held))
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
 
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -983,14 +965,10 @@ async def test_stop_releases_batches_waiting_in_memory(tmp_path: Path) -> None:
             created = sim.create_task("kie", action="jobs", finish_after=30)
             refs.append(await register(h, "kie", created.task_id, "jobs"))
         clock.advance(FIRST_POLL_AFTER)
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             await polled(h, refs, 1)  # the first batch went; the others wait for their slots
             await clock.until(lambda: len([w for w in clock.sleeping if w and w < _NEVER]) >= 3)
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running  # returns although the waiting batches' slots never came
+        # The loop returned, although the waiting batches' slots never came.
         assert len(requests_of(sim, "kie")) == 1
         tasks = await h.tasks(refs)
         assert sum(task.polls for task in tasks) == 1
@@ -1042,8 +1020,7 @@ async def test_run_fills_a_waiting_batch_with_tasks_that_fall_due_meanwhile(
         harness(tmp_path, clock, sim, env={"ACEDATA_RATE_LIMIT": "5"}) as h,
     ):
         refs = await register_apart(h, 100, 0.001)  # due one millisecond apart
-        running = asyncio.create_task(h.loop.run())
-        try:
+        async with loop_running(h):
             clock.advance(FIRST_POLL_AFTER - 0.1)
 
             def asked() -> int:
@@ -1066,10 +1043,6 @@ async def test_run_fills_a_waiting_batch_with_tasks_that_fall_due_meanwhile(
             assert asked() == len(refs)
             # Batches filled up while they waited; one per pass would have been 100 requests.
             assert len(sent) <= 4, [len(r.task_ids) for r in sent]
-        finally:
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
 
 
 async def test_a_hand_back_leaves_a_task_rescheduled_since_its_lease(
@@ -1115,18 +1088,15 @@ async def test_run_survives_a_store_that_cannot_commit_and_recovers_with_it(
         async with SQLiteStore(tmp_path / "gone.sqlite") as gone:
             pass  # a real store that refuses every operation
         working, h.service.store = h.service.store, gone
-        running = asyncio.create_task(h.loop.run())
-        try:
-            failed_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER)
-            clock.set(failed_at)
-            retry = failed_at + timedelta(seconds=STORE_RETRY_SECONDS)
-            await clock.until(lambda: retry in clock.sleeping)  # the pass failed; it waits
-            assert not running.done() and h.loop.health.loop_running
-            h.service.store = working
-            clock.set(retry)
-            await polled(h, [ref], 1)
-        finally:
-            h.service.store = working
-            h.loop.stop()
-            async with asyncio.timeout(10):
-                await running
+        async with loop_running(h) as running:
+            try:
+                failed_at = clock.now() + timedelta(seconds=FIRST_POLL_AFTER)
+                clock.set(failed_at)
+                retry = failed_at + timedelta(seconds=STORE_RETRY_SECONDS)
+                await clock.until(lambda: retry in clock.sleeping)  # the pass failed; it waits
+                assert not running.done() and h.loop.health.loop_running
+                h.service.store = working
+                clock.set(retry)
+                await polled(h, [ref], 1)
+            finally:
+                h.service.store = working
