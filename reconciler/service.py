@@ -22,7 +22,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -390,12 +390,10 @@ class Service:
         error), as one store operation. Per task: the task as written (None if it was gone
         or already terminal), or the exception its rule raised."""
         now = self.clock.now()
-        outcomes = Counter(
+        self._count_polls(
             (task.provider, "observed" if result.error is None else result.error.outcome)
             for task, result in zip(tasks, results, strict=True)
         )
-        for (provider, outcome), count in outcomes.items():
-            self.metrics.polled(provider, outcome, count)
         rng = schedule.OneDraw(self.rng)  # one jitter for the exchange's tasks
 
         def deciding(task: Task, result: PollResult) -> Applying:
@@ -420,6 +418,11 @@ class Service:
             [deciding(task, result) for task, result in zip(tasks, results, strict=True)]
         )
         return [_written(result) for result in applied]
+
+    def _count_polls(self, outcomes: Iterable[tuple[str, str]]) -> None:
+        """Count poll results, a (provider, outcome) per task: one increment per pair."""
+        for (provider, outcome), count in Counter(outcomes).items():
+            self.metrics.polled(provider, outcome, count)
 
     def _task_error(
         self,
@@ -450,8 +453,7 @@ class Service:
         provider said). Returns the tasks as written (None for those gone or terminal)."""
         delay = error.delay
         now = self.clock.now()
-        for provider, count in Counter(task.provider for task in tasks).items():
-            self.metrics.polled(provider, error.outcome, count)
+        self._count_polls((task.provider, error.outcome) for task in tasks)
         timing_of = self.timings
         rng = schedule.OneDraw(self.rng)  # one jitter for the exchange's tasks
 
@@ -490,8 +492,7 @@ class Service:
         outcome."""
         now = self.clock.now()
         if met is not None:
-            for provider, count in Counter(task.provider for task in tasks).items():
-                self.metrics.polled(provider, met.outcome, count)
+            self._count_polls((task.provider, met.outcome) for task in tasks)
 
         def hold(leased_until: datetime | None) -> Callable[[Task | None], Change | None]:
             def decide(current: Task | None) -> Change | None:

@@ -126,9 +126,7 @@ class Lane:
         async with self.limits.semaphore:
             if self._session is None:
                 raise RuntimeError("the lane is not open")
-            if self.auth is None:
-                return await _send(self._session, request, self._proxy)
-            flow = self.auth.async_auth_flow(request)
+            flow = (self.auth or httpx.Auth()).async_auth_flow(request)  # the base: as is
             try:
                 request = await anext(flow)
                 while True:
