@@ -58,6 +58,11 @@ class Op:
     def __post_init__(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
 
+    @property
+    def weight(self) -> int:
+        """How much of a backlog this operation is (`Writer`'s spill): its tasks."""
+        return 1
+
 
 @dataclass(eq=False)
 class Ingest(Op):
@@ -71,6 +76,10 @@ class Apply(Op):
     its own item): the results of one poll exchange, one hand-back, one registration."""
 
     items: Sequence[Applying]
+
+    @property
+    def weight(self) -> int:
+        return len(self.items)
 
 
 @dataclass(eq=False)
@@ -533,10 +542,11 @@ class Writer:
     where one connection owns the database (SQLite). Several where a batch waits mostly on
     the database's round trips and several transactions may run at once (PostgreSQL, whose
     locks order them as they order several replicas); the first lane takes whatever is
-    queued, and each further lane starts a batch only when `spill` operations wait, so that
-    a light load still commits in groups (a transaction's fixed cost is most of a small
-    one's) and only a backlog is worth a transaction of its own. `close()` drains what is
-    queued before it returns."""
+    queued, and each further lane starts a batch only when operations weighing `spill`
+    wait (a webhook weighs one, a poll exchange's results one per task), so that a light
+    load still commits in groups (a transaction's fixed cost is most of a small one's) and
+    only a backlog is worth a transaction of its own. `close()` drains what is queued
+    before it returns."""
 
     def __init__(
         self,
@@ -550,7 +560,8 @@ class Writer:
         self.lanes = lanes
         self.spill = spill
         self._queue: asyncio.Queue[Op | None] = asyncio.Queue()
-        self._backlog = asyncio.Event()  # set when `spill` operations wait, or at close
+        self._waiting = 0  # the weight of the queued operations
+        self._backlog = asyncio.Event()  # set when `spill` of it waits, or at close
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -564,7 +575,8 @@ class Writer:
         if self._closing or not self._tasks:
             raise StoreError("the store is closed")
         self._queue.put_nowait(op)
-        if self._queue.qsize() >= self.spill:
+        self._waiting += op.weight
+        if self._waiting >= self.spill:
             self._backlog.set()
         return await op.future
 
@@ -595,12 +607,13 @@ class Writer:
                     stopping = True
                 else:
                     ops.append(op)
+            self._waiting -= sum(op.weight for op in ops)
             if ops:
                 await self._run(ops, lane)
 
     async def _spilled(self) -> None:
-        """Until `spill` operations wait (or the writer closes)."""
-        while not self._closing and self._queue.qsize() < self.spill:
+        """Until operations weighing `spill` wait (or the writer closes)."""
+        while not self._closing and self._waiting < self.spill:
             self._backlog.clear()
             await self._backlog.wait()
 

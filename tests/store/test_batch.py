@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from reconciler.store.batch import Op, Probe, Writer, settle
+from reconciler.model import TaskRef
+from reconciler.store.base import Applying
+from reconciler.store.batch import Apply, Op, Probe, Writer, settle
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -79,6 +81,38 @@ async def test_a_further_lane_starts_only_when_a_backlog_waits() -> None:
     async with asyncio.timeout(5):
         await started[1].wait()  # three waiting: the second lane takes them as one batch
     assert batches == [(0, 1), (1, 3)]
+    release.set()
+    async with asyncio.timeout(5):
+        await writer.close()
+        await asyncio.gather(*submitted)
+
+
+async def test_a_poll_exchange_waiting_weighs_its_tasks() -> None:
+    """The results of one exchange of fifty tasks are a backlog by themselves: a further
+    lane takes them rather than waiting for the first lane's batch."""
+    started = {0: asyncio.Event(), 1: asyncio.Event()}
+    release = asyncio.Event()
+    batches: list[tuple[int, list[str]]] = []
+
+    async def run(ops: list[Op], lane: int) -> None:
+        batches.append((lane, [type(op).__name__ for op in ops]))
+        started[lane].set()
+        await release.wait()
+        settle(ops, [None] * len(ops))
+
+    def decide(*_: object) -> None:
+        raise AssertionError("not run")
+
+    writer = Writer(run, lanes=2, spill=3)
+    writer.start("test-writer")
+    submitted = [asyncio.create_task(writer.submit(Probe(NOW)))]
+    async with asyncio.timeout(5):
+        await started[0].wait()
+    items = [Applying([TaskRef("acedata", f"t{n}")], decide) for n in range(3)]
+    submitted.append(asyncio.create_task(writer.submit(Apply(items))))
+    async with asyncio.timeout(5):
+        await started[1].wait()  # one operation waits, but it weighs three tasks
+    assert batches == [(0, ["Probe"]), (1, ["Apply"])]
     release.set()
     async with asyncio.timeout(5):
         await writer.close()
