@@ -18,7 +18,7 @@ from reconciler.errors import MigrationError
 from reconciler.model import Change, Commit, EventType, Outcome, Source, Task, TaskRef
 from reconciler.state import new_task
 from reconciler.store.base import Accepted, NewDelivery
-from reconciler.store.postgres import PostgresStore
+from reconciler.store.postgres import _TASKS_FOR_UPDATE, PLANS, PostgresStore
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -250,3 +250,47 @@ def test_migrate_prints_the_database_without_its_password(url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "is up to date" in done.stdout
     assert "pw-s3cret" not in done.stdout + done.stderr
+
+
+async def _plan_after_growth(url: str, settings: dict[str, str]) -> str:
+    """The plan a connection with `settings` uses for a poll exchange's task read once the
+    tasks table has grown from ten rows to 20,000, having run the same prepared statement
+    six times while it was small (asyncpg prepares each statement once per connection).
+    No ANALYZE runs in between: the test's table has autovacuum off."""
+    insert = """
+        INSERT INTO tasks (provider, task_id, status, source, created_at, updated_at,
+                           next_poll_at, version, data)
+        SELECT 'acedata', 't' || n, 'processing', 'register', now(), now(), now(), 1,
+               repeat('x', 500)
+        FROM generate_series($1::int, $2::int) AS n
+    """
+
+    def run(first: int) -> str:
+        keys = ",".join(f"t{n}" for n in range(first, first + 50))
+        return f"EXECUTE exchange_read('{{{','.join(['acedata'] * 50)}}}', '{{{keys}}}')"
+
+    conn = await asyncpg.connect(url, server_settings=settings)
+    try:
+        await conn.execute("TRUNCATE tasks")
+        await conn.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
+        await conn.execute(insert, 1, 10)
+        await conn.execute(f"PREPARE exchange_read(text[], text[]) AS {_TASKS_FOR_UPDATE}")
+        for _ in range(6):
+            async with conn.transaction():
+                await conn.execute(run(1))
+        await conn.execute(insert, 11, 20_000)
+        plan = await conn.fetch(f"EXPLAIN {run(1000)}")
+        return "\n".join(row[0] for row in plan)
+    finally:
+        await conn.close()
+
+
+async def test_a_statement_first_run_on_a_small_table_reads_a_large_one_by_its_index(
+    url: str,
+) -> None:
+    """The store's sessions plan every run afresh (`PLANS`): a poll exchange's 50 tasks are
+    read through the primary key however small the table was when the writer first read
+    them. PostgreSQL's default keeps the generic plan of that moment: a scan of the whole
+    table for every exchange."""
+    assert "Seq Scan on tasks" in await _plan_after_growth(url, {})
+    assert "Seq Scan on tasks" not in await _plan_after_growth(url, PLANS)
