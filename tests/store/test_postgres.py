@@ -18,7 +18,8 @@ from reconciler.errors import MigrationError
 from reconciler.model import Change, Commit, EventType, Outcome, Source, Task, TaskRef
 from reconciler.state import new_task
 from reconciler.store.base import Accepted, NewDelivery
-from reconciler.store.postgres import _TASKS_FOR_UPDATE, PLANS, PostgresStore
+from reconciler.store.batch import task_key
+from reconciler.store.postgres import _TASKS_FOR_UPDATE, PLANS, PostgresStore, lock_key
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -73,6 +74,27 @@ async def test_a_reader_never_sees_a_later_seq_before_an_earlier_one(url: str) -
     assert result.event_seq == 2
     assert all(seqs in ([], [1, 2]) for seqs in seen), seen
     assert seen[-1] == [1, 2]
+
+
+async def test_a_lease_is_not_queued_behind_a_write_batch(url: str) -> None:
+    """A writer's batch waits on a task's lock; the loop's lease of another task, due, is
+    answered meanwhile: leases are not operations queued to the writers."""
+    due, held = TaskRef("acedata", "due"), TaskRef("acedata", "held")
+    blocker = await asyncpg.connect(url)
+    async with PostgresStore(url) as store:
+        await store.apply([due], creating(due))  # its first poll due 60 s after NOW
+        async with blocker.transaction():
+            await blocker.execute("SELECT pg_advisory_xact_lock($1)", lock_key(task_key(held)))
+            applying = asyncio.create_task(store.apply([held], creating(held)))
+            async with asyncio.timeout(10):
+                while not await _waiting_on_a_lock(url):
+                    pass
+                leased = await store.lease_due(NOW + timedelta(seconds=61), 10, 30)
+            assert [task.ref for task in leased] == [due]
+            assert not applying.done()
+        async with asyncio.timeout(10):
+            await applying  # the lock released, the batch goes on
+    await blocker.close()
 
 
 async def _waiting_on_a_lock(url: str) -> bool:
