@@ -114,7 +114,7 @@ LOCK_TIMEOUT_SECONDS = 10.0  # a writer never waits longer for a row or advisory
 # ...and never sits in an open transaction.
 IDLE_IN_TRANSACTION = "60s"
 # Every statement planned for its own parameters and the tables as they are now. asyncpg
-# prepares each statement once per connection, and after five runs PostgreSQL keeps one
+# prepares each statement once per connection, and after five runs PostgreSQL may keep one
 # generic plan for it, chosen from the statistics of that moment: a writer that first read
 # tasks while the table was nearly empty kept a sequential scan for the keys of every poll
 # exchange (41 ms for 50 tasks among 100,000 instead of 0.5 ms) until an ANALYZE, which
