@@ -320,7 +320,7 @@ class Reconciler:
         if not self._waiting_for_room:
             return await self.service.lease_due(self.chunk, self.lease_seconds, now)
         wanted = {name: min(room, self.chunk) for name, room in rooms.items() if room > 0}
-        async with asyncio.TaskGroup() as leases:  # concurrent: the store takes them as one
+        async with asyncio.TaskGroup() as leases:  # concurrent: SQLite's writer takes them as one
             taken = {
                 name: leases.create_task(
                     self.service.lease_due(limit, self.lease_seconds, now, name)
