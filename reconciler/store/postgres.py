@@ -108,6 +108,7 @@ READERS = 8  # pooled connections for reads, per replica
 # took whatever arrived made transactions of one operation under a paced load, and the
 # 2-replica reconcile run used twice the CPU (bench/reconcile.py; docs/benchmarks.md).
 WRITERS = 4
+LEASES = -1  # the key of the loop's lease connection among the writers' (`lease_due`)
 WATCHDOG_SECONDS = 5.0  # the listener reads the head this often, whatever it heard
 RETRIES = 3  # a batch that hit a deadlock or a lock timeout runs again from the start
 LOCK_TIMEOUT_SECONDS = 10.0  # a writer never waits longer for a row or advisory lock
@@ -445,8 +446,8 @@ class PostgresStore(Batched):
         self.watchdog_seconds = watchdog_seconds
         self.lock_timeout_seconds = lock_timeout_seconds
         self._pool: asyncpg.Pool | None = None
-        self._writer_conns: dict[int, asyncpg.Connection] = {}  # per writer lane
-        self._lease_conn: asyncpg.Connection | None = None  # see `lease_due`
+        # Per writer lane, and the loop's leases' own (`LEASES`, see `lease_due`).
+        self._writer_conns: dict[int, asyncpg.Connection] = {}
         self._leasing = asyncio.Lock()
         self._writer = Writer(self._run, lanes=writers)
         self._leased = Leased()
@@ -498,8 +499,6 @@ class PostgresStore(Batched):
 
     async def _close_connections(self) -> None:
         conns, self._writer_conns = self._writer_conns, {}
-        if self._lease_conn is not None:
-            conns[-1], self._lease_conn = self._lease_conn, None
         for conn in conns.values():
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -619,18 +618,12 @@ class PostgresStore(Batched):
             if self._closing:
                 raise StoreError("the store is closed")
             try:
-                if self._lease_conn is None or self._lease_conn.is_closed():
-                    self._lease_conn = await self._connect("lease")
-                leased = await _Transaction(self._lease_conn, self._leased).lease(
-                    now, limit, until, provider
-                )
+                conn = await self._writer_connection(LEASES)
+                leased = await _Transaction(conn, self._leased).lease(now, limit, until, provider)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 logger.error("lease failed: %r", error)
                 self._write_failure = _failure(error)
-                conn, self._lease_conn = self._lease_conn, None
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=2)
+                await self._drop_writer(LEASES)
                 raise StoreError(f"lease failed ({type(error).__name__})") from None
         if leased:
             self._write_failure = None
@@ -640,11 +633,12 @@ class PostgresStore(Batched):
     async def _writer_connection(self, lane: int) -> asyncpg.Connection:
         conn = self._writer_conns.get(lane)
         if conn is None or conn.is_closed():
-            conn = self._writer_conns[lane] = await self._connect("writer")
+            role = "lease" if lane == LEASES else "writer"
+            conn = self._writer_conns[lane] = await self._connect(role)
         return conn
 
     async def _drop_writer(self, lane: int) -> None:
-        """After an error that may have broken the connection: the next batch reconnects."""
+        """After an error that may have broken the connection: the next use reconnects."""
         conn = self._writer_conns.pop(lane, None)
         if conn is not None:
             with contextlib.suppress(Exception):
