@@ -5,6 +5,7 @@ from the environment, and what a provider that does not speak HTTP does to an ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from reconciler.clock import FakeClock
 from reconciler.config import Settings
@@ -24,6 +24,7 @@ from reconciler.polling.lane import Lane
 from reconciler.providers import PROVIDERS
 from reconciler.runtime import bind
 from reconciler.state import new_task
+from tests.providers.support import serve
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -51,20 +52,13 @@ class Recorder:
 
 @pytest.fixture
 async def live() -> AsyncIterator[Callable[[Recorder], Awaitable[str]]]:
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    """`await live(app)`: `support.serve` for the length of the test; the app's URL."""
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(app: Recorder) -> str:
-        sock = bind("127.0.0.1", 0)
-        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        servers.append((server, task))
-        # The socket listens already: a request made before the server runs waits for it.
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async def start(app: Recorder) -> str:
+            return await stack.enter_async_context(serve(app))
 
-    yield start
-    for server, task in servers:
-        server.should_exit = True
-        await task
+        yield start
 
 
 def kling_lane(url: str) -> Lane:
